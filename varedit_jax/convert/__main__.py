@@ -1,0 +1,63 @@
+"""python -m varedit_jax.convert {import,export} ...
+
+  import --kind {infinity,varedit,vae,t5} --src FILE|DIR --out CKPT_DIR [--config CFG]
+      official weights -> an orbax checkpoint carrying its own config. Shapes determine the architecture;
+      --config (configs/*.py or a fixture config.json) supplies the rest and is checked against the weights.
+  export --checkpoint CKPT|WORKDIR|STEP_DIR --out FILE.safetensors|FILE.pth [--dtype fp32|bf16]
+      a checkpoint (imported or trained here) -> the exact official key set.
+A mismatched source is refused with the named keys and nothing is written.
+"""
+import argparse
+import sys
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from varedit_jax import checkpoint
+from varedit_jax.convert import KINDS, family, io
+
+
+def _cast(state_dict: dict, dtype: str) -> dict:
+    if dtype == "fp32":
+        return state_dict
+    return {k: v.astype(ml_dtypes.bfloat16) if np.issubdtype(v.dtype, np.floating) else v
+            for k, v in state_dict.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m varedit_jax.convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="official weights -> orbax checkpoint")
+    imp.add_argument("--kind", required=True, choices=sorted(KINDS))
+    imp.add_argument("--src", required=True)
+    imp.add_argument("--out", required=True)
+    imp.add_argument("--config", default=None)
+    exp = sub.add_parser("export", help="orbax checkpoint -> official state dict")
+    exp.add_argument("--checkpoint", required=True)
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command == "import":
+            fam = family(args.kind)
+            given = fam.config_from_file(args.config, kind=args.kind) if args.config else None
+            config, params = fam.import_weights(args.src, given, kind=args.kind)
+            path = checkpoint.save_params(args.out, params, config)
+            n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
+            print(f"imported {args.kind} ({n:,} parameters) from {args.src} -> {path}")
+        else:
+            config, params = checkpoint.load_params(args.checkpoint)
+            state_dict = _cast(family(config.kind).export_weights(config, params), args.dtype)
+            path = io.write_state_dict(args.out, state_dict)
+            print(f"exported {config.kind} ({len(state_dict)} tensors, {args.dtype}) -> {path}")
+    except (io.StateDictMismatch, FileNotFoundError, ValueError, KeyError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

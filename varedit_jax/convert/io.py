@@ -1,0 +1,138 @@
+"""Reading and writing PyTorch-layout state dicts (flat `name -> array` maps) without running pickle code.
+
+Sources: a `.safetensors` file; a Hugging Face folder (`model.safetensors`, or shards listed by
+`*.safetensors.index.json`); a `.pth` / `.pt` / `.bin` file read with `torch.load(weights_only=True)` (the `torch`
+extra), either a flat state dict or one nested in a trainer checkpoint (e.g. `['vae']`, `['ema']`,
+`['trainer']['gpt_fsdp']`). Arrays come back as numpy (bf16 as `ml_dtypes.bfloat16`), dtypes preserved.
+"""
+import json
+import os
+import pathlib
+import tempfile
+from typing import Iterable, Mapping, Sequence
+
+import ml_dtypes
+import numpy as np
+import safetensors.numpy
+
+StateDict = dict[str, np.ndarray]
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+
+
+class StateDictMismatch(ValueError):
+    """A state dict does not have the expected keys or shapes."""
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError("reading/writing .pth files needs the torch extra: pip install 'varedit_jax[torch]'") from e
+    return torch
+
+
+def _tensor_to_numpy(t) -> np.ndarray:
+    torch = _torch()
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def _is_flat_tensor_dict(obj) -> bool:
+    torch = _torch()
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _find_nested(obj, nested: Sequence[Sequence[str]], path: str) -> Mapping:
+    if _is_flat_tensor_dict(obj):
+        return obj
+    for keys in nested:
+        node = obj
+        for key in keys:
+            if not isinstance(node, Mapping) or key not in node:
+                break
+            node = node[key]
+        else:
+            if _is_flat_tensor_dict(node):
+                return node
+    top = list(obj.keys())[:10] if isinstance(obj, Mapping) else type(obj).__name__
+    raise StateDictMismatch(f"{path}: no state dict found at the top level or under any of "
+                            f"{[list(k) for k in nested]}; top-level keys: {top}")
+
+
+def read_state_dict(path: str | os.PathLike, nested: Sequence[Sequence[str]] = ()) -> StateDict:
+    """Reads a state dict from a file or HF folder; `nested` lists key paths to try inside trainer checkpoints."""
+    path = pathlib.Path(path).expanduser()
+    if path.is_dir():
+        index = sorted(path.glob("*.safetensors.index.json"))
+        if index:
+            weight_map = json.loads(index[0].read_text())["weight_map"]
+            out: StateDict = {}
+            for shard in sorted(set(weight_map.values())):
+                out.update(safetensors.numpy.load_file(path / shard))
+            missing = sorted(set(weight_map) - set(out))
+            if missing:
+                raise StateDictMismatch(f"{index[0]}: keys listed in the index but absent from shards: {missing[:10]}")
+            return out
+        files = sorted(path.glob("*.safetensors"))
+        if len(files) == 1:
+            return safetensors.numpy.load_file(files[0])
+        raise FileNotFoundError(f"{path}: expected one *.safetensors file or a *.safetensors.index.json, "
+                                f"found {[f.name for f in files]}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    if path.suffix == ".safetensors":
+        return safetensors.numpy.load_file(path)
+    if path.suffix in TORCH_SUFFIXES:
+        obj = _torch().load(path, map_location="cpu", weights_only=True)
+        return {k: _tensor_to_numpy(v) for k, v in _find_nested(obj, nested, str(path)).items()}
+    raise ValueError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors, "
+                     f"{', '.join(TORCH_SUFFIXES)} or a folder)")
+
+
+def check_state_dict(got: Mapping[str, np.ndarray], expected: Mapping[str, Iterable[int]], what: str) -> None:
+    """Raises StateDictMismatch naming missing / unexpected keys and the first shape mismatch."""
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    shape_bad = [(k, tuple(got[k].shape), tuple(expected[k])) for k in expected
+                 if k in got and tuple(got[k].shape) != tuple(expected[k])]
+    if missing or unexpected or shape_bad:
+        lines = [f"{what}: state dict does not match"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}"
+                         f"{' ...' if len(unexpected) > 20 else ''}")
+        if shape_bad:
+            k, g, e = shape_bad[0]
+            lines.append(f"  first shape mismatch: {k}: got {g}, expected {e} ({len(shape_bad)} in all)")
+        raise StateDictMismatch("\n".join(lines))
+
+
+def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> pathlib.Path:
+    """Writes a flat state dict as .safetensors or (torch extra) .pth, atomically: a failure leaves no file."""
+    path = pathlib.Path(path).expanduser()
+    if path.suffix not in (".safetensors",) + TORCH_SUFFIXES:
+        raise ValueError(f"{path}: output must end in .safetensors or .pth")
+    arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".safetensors":
+            safetensors.numpy.save_file(arrays, tmp)
+        else:
+            torch = _torch()
+            tensors = {}
+            for k, v in arrays.items():
+                if v.dtype == ml_dtypes.bfloat16:
+                    tensors[k] = torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
+                else:
+                    tensors[k] = torch.from_numpy(v)
+            torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
