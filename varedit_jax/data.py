@@ -1,0 +1,221 @@
+"""Training input pipeline: record datasets (`data_pipelines.records`) -> per-step batches of edit pairs.
+
+Pipeline (grain Dataset API; every process builds the same global order from the same seed):
+
+  MapDataset.range(num_records).shuffle(seed).repeat(num_epochs)   global order of record indices (reshuffled
+                                                                   every epoch)
+  [process_index::process_count]                                   this process's disjoint slice
+  .map_with_index(LoadPair)          element i: read + decode the record, preprocess it at the template of step
+                                     i // local_batch_size, tokenize the instruction to a static length; a record
+                                     failing any of it is replaced by the next one
+  .to_iter_dataset(ReadOptions)      threaded prefetch
+  .mp_prefetch(...)                  worker processes when config.num_workers > 0 (before batching, so the batches
+                                     do not depend on the number of workers)
+  .batch(local_batch_size, drop_remainder=True)
+
+Preprocessing as the official trainer (`infinity/dataset/webdataset.py`): decode to RGB; the target is resized to
+the source size (PIL's default filter for RGB, bicubic); both are LANCZOS-resized to cover the template's pixel size
+(aspect kept, sides truncated to int) and centre-cropped; values x / 255 * 2 - 1 in float32. The edit mask (toy
+data) follows the same geometry with nearest-neighbour resizing.
+
+One aspect template per step (static shapes): `template_for_step(seed, step, templates)`, a function of (seed, step)
+only, so all processes agree (the official trainer uses the square template: `templates=("1.0",)`). The pixel size
+is `pixel_size(scale_schedule(template, pn), stride)`.
+
+A local batch (numpy, leading dim = batch_size // process_count):
+  source, target  float32 (B, H, W, 3) in [-1, 1]
+  mask            uint8 (B, H, W), 1 = pixel changed by the edit (zeros where has_mask is False)
+  has_mask        bool (B,)
+  text_ids        int32 (B, T); text_mask bool (B, T)   (T = config.max_text_len)
+  num_replaced    int32 (B,): records that failed to load and were replaced for this element (log the sum)
+  id, instruction numpy str (B,)                         host-only, kept as numpy by `global_batch`
+Iterator state: `iter(ds).get_state()` / `set_state()`, or `grain.checkpoint.CheckpointSave(iterator)` in an orbax
+CheckpointManager; restoring gives exactly the same next batches.
+"""
+import io
+import logging
+from typing import Callable, Sequence
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from data_pipelines.records import decode_record, open_records
+from varedit_jax import schedules
+
+log = logging.getLogger(__name__)
+MAX_REPLACEMENTS = 64  # consecutive undecodable records before the pipeline gives up (a broken dataset, not noise)
+HOST_ONLY = ("id", "instruction")
+
+Tokenizer = Callable[[Sequence[str], int], tuple[np.ndarray, np.ndarray]]
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The `config.data` fields `make_dataset` reads."""
+    c = ml_collections.ConfigDict()
+    c.paths = ()                # record dataset directories (concatenated, as the official SEED + ImgEdit lists)
+    c.pn = "0.06M"              # size class: 0.06M (256 px with stride 16), 0.25M (512), 0.60M (768), 1M (1024)
+    c.stride = schedules.OFFICIAL_STRIDE  # tokenizer pixels per latent cell (16 official, 4 for the toy tokenizer)
+    c.templates = ("1.0",)      # aspect templates (h/w) drawn per step; the official trainer uses only 1.0
+    c.spiece_model = ""         # sentencepiece model of the text encoder
+    c.max_text_len = 512        # static token length (official: 512)
+    c.shuffle = True
+    c.num_epochs = None         # None: repeat forever
+    c.read_threads = 4
+    c.prefetch_buffer_size = 32
+    c.num_workers = 0           # mp_prefetch worker processes (0: none)
+    c.worker_buffer_size = 2
+    return c
+
+
+def image_size(template: str, pn: str, stride: int) -> tuple[int, int]:
+    """(H, W) pixel size of a template at size class `pn` for a tokenizer of the given stride."""
+    return schedules.pixel_size(schedules.scale_schedule(template, pn), stride)
+
+
+def template_for_step(seed: int, step: int, templates: Sequence[str]) -> str:
+    """The aspect template of global step `step`: uniform over `templates`, a function of (seed, step) only."""
+    if len(templates) == 1:
+        return templates[0]
+    return templates[int(np.random.default_rng([seed, step]).integers(len(templates)))]
+
+
+def cover_resize(img: Image.Image, size: tuple[int, int], resample: int) -> np.ndarray:
+    """(H, W[, C]) uint8: `img` resized to cover `size` = (H, W) keeping its aspect ratio, then centre-cropped."""
+    tgt_h, tgt_w = size
+    width, height = img.size
+    if width / height <= tgt_w / tgt_h:
+        resized_w, resized_h = tgt_w, int(tgt_w / (width / height))
+    else:
+        resized_h, resized_w = tgt_h, int((width / height) * tgt_h)
+    # Float truncation can land one pixel short of the template (the official code then returns a smaller crop).
+    resized_h, resized_w = max(resized_h, tgt_h), max(resized_w, tgt_w)
+    arr = np.asarray(img.resize((resized_w, resized_h), resample=resample))
+    y, x = (resized_h - tgt_h) // 2, (resized_w - tgt_w) // 2
+    return arr[y:y + tgt_h, x:x + tgt_w]
+
+
+def to_unit_range(arr: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 in [-1, 1] exactly as torchvision `to_tensor(x)` then `x + x - 1`."""
+    x = arr.astype(np.float32) / np.float32(255)
+    return x + x - np.float32(1)
+
+
+def preprocess(record: dict, size: tuple[int, int]) -> dict:
+    """One decoded record -> an example at pixel size `size` = (H, W) (fields as in the module docstring)."""
+    src = Image.open(io.BytesIO(record["source"])).convert("RGB")
+    tgt = Image.open(io.BytesIO(record["target"])).convert("RGB")
+    if tgt.size != src.size:
+        tgt = tgt.resize(src.size, resample=Image.Resampling.BICUBIC)  # the official call uses PIL's default
+    if record["mask"] is not None:
+        mask_img = Image.open(io.BytesIO(record["mask"])).convert("L")
+        if mask_img.size != src.size:
+            mask_img = mask_img.resize(src.size, resample=Image.Resampling.NEAREST)
+        mask = cover_resize(mask_img, size, Image.Resampling.NEAREST)
+    else:
+        mask = np.zeros(size, np.uint8)
+    return {"source": to_unit_range(cover_resize(src, size, Image.Resampling.LANCZOS)),
+            "target": to_unit_range(cover_resize(tgt, size, Image.Resampling.LANCZOS)),
+            "mask": mask, "has_mask": np.bool_(record["mask"] is not None),
+            "id": record["id"], "instruction": record["instruction"]}
+
+
+class LoadPair:
+    """map_with_index transform: (element index i, record index) -> example at the template of step i // B.
+
+    Reads, decodes, preprocesses the record and tokenizes its instruction. A record that fails any of these is
+    replaced by the next record of the dataset (deterministic), logged, and counted in the example's `num_replaced`.
+    """
+
+    def __init__(self, paths: Sequence[str], *, seed: int, local_batch: int, templates: Sequence[str], pn: str,
+                 stride: int, tokenizer: Tokenizer, max_text_len: int):
+        self.records = open_records(list(paths))
+        self.seed, self.local_batch, self.templates = seed, local_batch, tuple(templates)
+        self.sizes = {t: image_size(t, pn, stride) for t in self.templates}
+        self.tokenizer, self.max_text_len = tokenizer, max_text_len
+
+    def example(self, record_index: int, size: tuple[int, int]) -> dict:
+        example = preprocess(decode_record(self.records[record_index]), size)
+        ids, mask = self.tokenizer([example["instruction"]], self.max_text_len)
+        example["text_ids"], example["text_mask"] = np.asarray(ids[0], np.int32), np.asarray(mask[0], bool)
+        return example
+
+    def __call__(self, index: int, record_index: int) -> dict:
+        size = self.sizes[template_for_step(self.seed, index // self.local_batch, self.templates)]
+        n = len(self.records)
+        for attempt in range(MAX_REPLACEMENTS + 1):
+            i = (int(record_index) + attempt) % n
+            try:
+                example = self.example(i, size)
+            except Exception as e:  # corrupt data surfaces as many exception types (PIL, msgpack, tokenizer, ...)
+                log.warning("record %d failed to load (%s: %s); replacing it with record %d", i,
+                            type(e).__name__, e, (i + 1) % n)
+                continue
+            example["num_replaced"] = np.int32(attempt)
+            return example
+        raise RuntimeError(f"{MAX_REPLACEMENTS + 1} consecutive records from index {record_index} failed to load")
+
+
+def _ensure_absl_flags_parsed() -> None:
+    """grain workers read absl flags; outside an absl app (tests, notebooks) they are unparsed (defaults apply)."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def make_dataset(config: ml_collections.ConfigDict, *, seed: int, batch_size: int, process_index: int | None = None,
+                 process_count: int | None = None, tokenizer: Tokenizer | None = None) -> grain.IterDataset:
+    """This process's stream of local batches (see the module docstring).
+
+    Args:
+      config: the data config (`default_config()` fields).
+      seed: shuffle and template seed; the same on every process.
+      batch_size: GLOBAL batch size; each process yields batch_size // process_count examples per step.
+      process_index, process_count: this process's slice (default `jax.process_index()` / `jax.process_count()`).
+      tokenizer: `(texts, max_length) -> (ids (B, T), mask (B, T))`, picklable when num_workers > 0; default
+        `varedit_jax.text.TextTokenizer(config.spiece_model)`.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} outside [0, {process_count})")
+    if batch_size % process_count or batch_size < process_count:
+        raise ValueError(f"global batch size {batch_size} is not a positive multiple of {process_count} processes")
+    local_batch = batch_size // process_count
+    templates = tuple(config.templates)
+    if not templates:
+        raise ValueError("config.templates is empty")
+    paths = [config.paths] if isinstance(config.paths, str) else list(config.paths)
+    if tokenizer is None:
+        from varedit_jax.text import TextTokenizer
+        tokenizer = TextTokenizer(config.spiece_model)
+    load = LoadPair(paths, seed=seed, local_batch=local_batch, templates=templates, pn=config.pn,
+                    stride=config.stride, tokenizer=tokenizer, max_text_len=config.max_text_len)
+
+    order = grain.MapDataset.range(len(load.records))
+    if config.shuffle:
+        order = order.shuffle(seed=seed)
+    order = order.repeat(config.num_epochs)
+    if config.num_epochs is not None:  # equal lengths on every process, so all run the same number of steps
+        order = order[:len(order) // process_count * process_count]
+    ds = order[process_index::process_count].map_with_index(load)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                              prefetch_buffer_size=config.prefetch_buffer_size))
+    if config.num_workers > 0:
+        _ensure_absl_flags_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers,
+                                                         per_worker_buffer_size=config.worker_buffer_size))
+    return ds.batch(local_batch, drop_remainder=True)
+
+
+def global_batch(local_batch: dict, sharding: jax.sharding.Sharding) -> dict:
+    """The global batch of a step from every process's local batch.
+
+    Numeric fields become global `jax.Array`s (leading dim = global batch) via
+    `jax.make_array_from_process_local_data(sharding, x)`; `sharding` shards the batch dim (e.g.
+    `NamedSharding(mesh, P("data"))`), trailing dims are replicated. String fields (`HOST_ONLY`) stay local numpy.
+    """
+    return {k: (np.asarray(v) if k in HOST_ONLY else jax.make_array_from_process_local_data(sharding, np.asarray(v)))
+            for k, v in local_batch.items()}
