@@ -9,10 +9,11 @@ import json
 import os
 import pathlib
 import tempfile
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import ml_dtypes
 import numpy as np
+import safetensors
 import safetensors.numpy
 
 StateDict = dict[str, np.ndarray]
@@ -61,32 +62,53 @@ def _find_nested(obj, nested: Sequence[Sequence[str]], path: str) -> Mapping:
                             f"{[list(k) for k in nested]}; top-level keys: {top}")
 
 
-def read_state_dict(path: str | os.PathLike, nested: Sequence[Sequence[str]] = ()) -> StateDict:
-    """Reads a state dict from a file or HF folder; `nested` lists key paths to try inside trainer checkpoints."""
+def read_state_dict(path: str | os.PathLike, nested: Sequence[Sequence[str]] = (),
+                    keep: Callable[[str], bool] | None = None) -> StateDict:
+    """Reads a state dict from a file or HF folder.
+
+    nested: key paths to try inside trainer checkpoints (e.g. [("vae",), ("ema",)]).
+    keep: an optional predicate on names; safetensors tensors it rejects are never read (e.g. a T5 decoder).
+    Unreadable or corrupt files raise ValueError naming the file.
+    """
     path = pathlib.Path(path).expanduser()
+    try:
+        out = _read(path, nested, keep or (lambda name: True))
+    except (StateDictMismatch, FileNotFoundError, ImportError, ValueError):
+        raise
+    except Exception as e:  # safetensors / torch raise their own types for corrupt files
+        raise ValueError(f"cannot read weights {path}: {type(e).__name__}: {e}") from e
+    return out
+
+
+def _read_safetensors(path: pathlib.Path, keep: Callable[[str], bool]) -> StateDict:
+    with safetensors.safe_open(path, framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
+
+
+def _read(path: pathlib.Path, nested: Sequence[Sequence[str]], keep: Callable[[str], bool]) -> StateDict:
     if path.is_dir():
         index = sorted(path.glob("*.safetensors.index.json"))
         if index:
-            weight_map = json.loads(index[0].read_text())["weight_map"]
+            weight_map = {k: v for k, v in json.loads(index[0].read_text())["weight_map"].items() if keep(k)}
             out: StateDict = {}
             for shard in sorted(set(weight_map.values())):
-                out.update(safetensors.numpy.load_file(path / shard))
+                out.update(_read_safetensors(path / shard, keep))
             missing = sorted(set(weight_map) - set(out))
             if missing:
                 raise StateDictMismatch(f"{index[0]}: keys listed in the index but absent from shards: {missing[:10]}")
             return out
         files = sorted(path.glob("*.safetensors"))
         if len(files) == 1:
-            return safetensors.numpy.load_file(files[0])
+            return _read_safetensors(files[0], keep)
         raise FileNotFoundError(f"{path}: expected one *.safetensors file or a *.safetensors.index.json, "
                                 f"found {[f.name for f in files]}")
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}")
     if path.suffix == ".safetensors":
-        return safetensors.numpy.load_file(path)
+        return _read_safetensors(path, keep)
     if path.suffix in TORCH_SUFFIXES:
         obj = _torch().load(path, map_location="cpu", weights_only=True)
-        return {k: _tensor_to_numpy(v) for k, v in _find_nested(obj, nested, str(path)).items()}
+        return {k: _tensor_to_numpy(v) for k, v in _find_nested(obj, nested, str(path)).items() if keep(k)}
     raise ValueError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors, "
                      f"{', '.join(TORCH_SUFFIXES)} or a folder)")
 
