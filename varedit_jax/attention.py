@@ -1,4 +1,4 @@
-"""Masked multi-head attention with block-structured masks.
+"""Masked multi-head attention with block-structured masks, behind one entry point with several backends.
 
 Every mask in Infinity / VAREdit is block-structured: each token belongs to a *segment* (a scale of the target,
 the source, a scale of the pooled source, ...) and visibility is a property of the (query segment, key segment)
@@ -8,12 +8,42 @@ pair. `SegmentMask` stores exactly that, so no backend needs an (L, L) matrix as
 
 Layouts: q (B, Lq, N, D), k and v (B, Lk, N, D) (batch, length, heads, head_dim), as jax.nn.dot_product_attention.
 `key_mask` (B, Lk) bool masks keys per sample (text padding). Query rows with no visible key return zeros.
+
+Backends (`impl`, the model's `attention_impl`):
+  exact             fp32 (HIGHEST precision) masked softmax on any backend, queries processed in chunks of
+                    `EXACT_CHUNK` rows (`jax.lax.map` of a rematerialised chunk), each chunk's (rows, Lk) mask
+                    built from the segment ids inside the chunk: memory O(B·N·chunk·Lk) forward and backward,
+                    never (Lq, Lk). The CPU path and the parity path; gradients by autodiff.
+  xla, cudnn        `jax.nn.dot_product_attention` (implementation None / "cudnn": the cuDNN flash kernel on GPU,
+                    which needs bf16/fp16 inputs). Materialises the dense (B|1, 1, Lq, Lk) boolean mask.
+  splash            the Pallas TPU splash-attention kernel (forward and its own backward kernels), with the mask
+                    given block-sparsely (`SplashSegmentMask`: only partial 128..512 tiles are stored, deduplicated);
+                    lengths are padded to the kernel blocks. Under a multi-device mesh (`jax.set_mesh`) the kernel
+                    runs in `jax.shard_map`, batch over the "batch" mesh axes and heads over the "heads" axes.
+                    Used for the transformer's self-attention (and every call works: key_mask becomes
+                    per-sample segment ids); short calls (cross-attention to text, one decode scale) cost a
+                    128-padded tile each.
+  splash_interpret  the same kernel in Pallas interpret mode (slow; runs on CPU, for tests).
 """
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import spmd
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+from varedit_jax import sharding
+
+IMPLS = ("exact", "xla", "cudnn", "splash", "splash_interpret")
+EXACT_CHUNK = 512  # query rows per chunk of the exact path
+# Splash: a virtual "sink" key with this logit and a zero value is in every softmax. It is far below any real logit
+# (so exp(SINK - max) == 0: exact) and far above the kernel's mask value (so masked keys weigh exp(-huge) == 0):
+# a row without visible keys has denominator exactly 1 and numerator 0, i.e. outputs zeros, in forward and backward.
+_SPLASH_SINK = -1e30
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -28,27 +58,250 @@ class SegmentMask:
     kv_segments: np.ndarray
     table: np.ndarray
 
+    def __post_init__(self):
+        q, kv, table = (np.asarray(a) for a in (self.q_segments, self.kv_segments, self.table))
+        for name, value in (("q_segments", q), ("kv_segments", kv), ("table", table)):
+            object.__setattr__(self, name, value)
+        if table.ndim != 2 or table.dtype != np.bool_:
+            raise ValueError(f"SegmentMask table must be a 2-D bool array, got {table.dtype} {table.shape}")
+        for name, ids, n in (("q_segments", q, table.shape[0]), ("kv_segments", kv, table.shape[1])):
+            if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+                raise ValueError(f"SegmentMask {name} must be a 1-D integer array, got {ids.dtype} {ids.shape}")
+            if ids.size and (ids.min() < 0 or ids.max() >= n):
+                raise ValueError(f"SegmentMask {name} must lie in [0, {n}), got [{ids.min()}, {ids.max()}]")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.q_segments), len(self.kv_segments)
+
     def dense(self, q_slice: slice = slice(None)) -> np.ndarray:
-        """(Lq', Lk) bool mask for a range of query rows."""
-        return self.table[self.q_segments[q_slice][:, None], self.kv_segments[None, :]]
+        """(Lq', Lk) bool mask for a range of query rows (materialises it)."""
+        return self.table[self.q_segments[q_slice]][:, self.kv_segments]
+
+    @functools.cached_property
+    def key(self) -> tuple:
+        """Content key (hashable): equal masks share the splash kernel's preprocessed mask."""
+        return (self.q_segments.astype(np.int32).tobytes(), self.kv_segments.astype(np.int32).tobytes(),
+                self.table.shape, np.packbits(self.table).tobytes())
+
+    def padded(self, lq: int, lk: int) -> "SegmentMask":
+        """The mask extended to (lq, lk): padded rows see nothing and padded keys are seen by nothing."""
+        sq, sk = self.table.shape
+        table = np.zeros((sq + 1, sk + 1), bool)
+        table[:sq, :sk] = self.table
+        q = np.concatenate([self.q_segments, np.full(lq - self.shape[0], sq)]).astype(np.int32)
+        kv = np.concatenate([self.kv_segments, np.full(lk - self.shape[1], sk)]).astype(np.int32)
+        return SegmentMask(q, kv, table)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: SegmentMask | None = None, *,
            key_mask: jax.Array | None = None, scale: float = 1.0, impl: str = "exact") -> jax.Array:
     """softmax(scale * q k^T + mask) v over each head; returns (B, Lq, N, D) in q's dtype.
 
-    impl: "exact" (fp32 reference on any backend).
+    q (B, Lq, N, D), k/v (B, Lk, N, D), mask of shape (Lq, Lk) or None (all visible), key_mask (B, Lk) bool or
+    None; rows without a visible key give zeros. impl: one of `IMPLS` (see the module docstring).
     """
-    if impl != "exact":
-        raise ValueError(f"unknown attention impl {impl!r}")
-    visible = jnp.ones((1, 1, q.shape[1], k.shape[1]), bool)
-    if mask is not None:
-        visible = visible & jnp.asarray(mask.dense())[None, None]
-    if key_mask is not None:
-        visible = visible & key_mask[:, None, None, :]
-    logits = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(visible, logits, -jnp.inf)
-    any_visible = visible.any(-1, keepdims=True)
-    probs = jax.nn.softmax(jnp.where(any_visible, logits, 0.0), axis=-1) * any_visible
-    out = jnp.einsum("bnqk,bknd->bqnd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    _check(q, k, v, mask, key_mask)
+    if impl == "exact":
+        return exact_attention(q, k, v, mask, key_mask=key_mask, scale=scale)
+    if impl in ("xla", "cudnn"):
+        return dot_product_attention(q, k, v, mask, key_mask=key_mask, scale=scale,
+                                     implementation=None if impl == "xla" else "cudnn")
+    if impl in ("splash", "splash_interpret"):
+        return splash_attention(q, k, v, mask, key_mask=key_mask, scale=scale, interpret=impl == "splash_interpret")
+    raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+
+
+def _check(q, k, v, mask, key_mask):
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[::2] != k.shape[::2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention expects q (B, Lq, N, D) and k = v (B, Lk, N, D); got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
+    if mask is not None and mask.shape != (q.shape[1], k.shape[1]):
+        raise ValueError(f"mask shape {mask.shape} != (Lq, Lk) = {(q.shape[1], k.shape[1])}")
+    if key_mask is not None and (key_mask.shape != (k.shape[0], k.shape[1]) or key_mask.dtype != jnp.bool_):
+        raise ValueError(f"key_mask must be bool (B, Lk) = {(k.shape[0], k.shape[1])}, got {key_mask.dtype} "
+                         f"{key_mask.shape}")
+
+
+# ------------------------------------------------------------------------------------------------------ exact
+def _softmax_attention(q, k, v, visible, scale):
+    """fp32 attention of q (B, C, N, D) over k, v (B, Lk, N, D); visible broadcastable to (B, N, C, Lk) or None."""
+    hi = jax.lax.Precision.HIGHEST
+    logits = jnp.einsum("bqnd,bknd->bnqk", q, k, precision=hi) * scale
+    if visible is None:
+        probs = jax.nn.softmax(logits, axis=-1)
+    else:
+        any_visible = visible.any(-1, keepdims=True)
+        logits = jnp.where(visible, logits, -jnp.inf)
+        probs = jax.nn.softmax(jnp.where(any_visible, logits, 0.0), axis=-1) * any_visible
+    return jnp.einsum("bnqk,bknd->bqnd", probs, v, precision=hi)
+
+
+def exact_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: SegmentMask | None = None, *,
+                    key_mask: jax.Array | None = None, scale: float = 1.0, chunk: int = EXACT_CHUNK) -> jax.Array:
+    """The "exact" backend: fp32 attention over query chunks of `chunk` rows (layouts as `attend`).
+
+    Sequences of at most `chunk` queries run in one piece; longer ones are padded to a multiple of `chunk` and
+    mapped chunk by chunk (`jax.lax.map` over a `jax.checkpoint`ed chunk, so the backward pass recomputes one
+    chunk's (B, N, chunk, Lk) probabilities at a time). Each chunk's mask is gathered from the segment table.
+    """
+    b, lq, n, d = q.shape
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    key_visible = None if key_mask is None else key_mask[:, None, None, :]
+    n_chunks = -(-lq // chunk)
+    lq_pad = n_chunks * chunk if n_chunks > 1 else lq
+    if mask is not None:  # the barrier keeps XLA from constant-folding the gathered masks into literals
+        mask = mask.padded(lq_pad, k.shape[1]) if lq_pad != lq else mask
+        table, kv_segments, q_segments = jax.lax.optimization_barrier(
+            (jnp.asarray(mask.table), jnp.asarray(mask.kv_segments), jnp.asarray(mask.q_segments)))
+    else:
+        q_segments = jnp.zeros((lq_pad,), jnp.int32)
+
+    def run(q_rows, q_segments):
+        visible = key_visible
+        if mask is not None:
+            rows = jnp.take(jnp.take(table, q_segments, axis=0), kv_segments, axis=1)[None, None]
+            visible = rows if visible is None else rows & visible
+        return _softmax_attention(q_rows, k32, v32, visible, scale)
+
+    if n_chunks == 1:
+        out = run(q32, q_segments)
+    else:
+        q32 = jnp.pad(q32, ((0, 0), (0, lq_pad - lq), (0, 0), (0, 0)))
+        q_chunks = q32.reshape(b, n_chunks, chunk, n, d).swapaxes(0, 1)
+        out = jax.lax.map(jax.checkpoint(lambda args: run(*args), prevent_cse=False),
+                          (q_chunks, q_segments.reshape(n_chunks, chunk)))
+        out = out.swapaxes(0, 1).reshape(b, lq_pad, n, d)[:, :lq]
     return out.astype(q.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------ xla / cudnn
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: SegmentMask | None = None, *,
+                          key_mask: jax.Array | None = None, scale: float = 1.0,
+                          implementation: str | None = None) -> jax.Array:
+    """The "xla" / "cudnn" backends: `jax.nn.dot_product_attention` with a dense boolean mask (B|1, 1, Lq, Lk).
+
+    Computes in the inputs' dtype (k, v cast to q's); cuDNN needs bf16/fp16. Rows without a visible key are zeroed.
+    """
+    visible = any_visible = None  # any_visible: (B|1, Lq|1, 1, 1), rows with a visible key
+    if mask is not None:  # gathered at run time: no (Lq, Lk) literal for XLA to embed or constant-fold
+        table, q_ids, kv_ids = jax.lax.optimization_barrier(
+            (jnp.asarray(mask.table), jnp.asarray(mask.q_segments), jnp.asarray(mask.kv_segments)))
+        visible = jnp.take(jnp.take(table, q_ids, axis=0), kv_ids, axis=1)[None, None]
+        rows = mask.table[:, np.unique(mask.kv_segments)].any(1)[mask.q_segments]  # static
+        any_visible = None if rows.all() else jnp.asarray(rows)[None, :, None, None]
+    if key_mask is not None:
+        key_visible = key_mask[:, None, None, :]
+        visible = key_visible if visible is None else visible & key_visible
+        any_visible = visible.any(-1)[:, 0, :, None, None]
+    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=visible, scale=scale,
+                                       implementation=implementation)
+    return out if any_visible is None else jnp.where(any_visible, out, jnp.zeros((), out.dtype))
+
+
+# ------------------------------------------------------------------------------------------------------ splash
+class SplashSegmentMask(splash_mask.Mask):
+    """A `SegmentMask` seen by the splash kernel: blocks are computed on demand from the segment ids, so the
+    kernel's mask preprocessing only keeps the (deduplicated) partial blocks, never the dense (Lq, Lk) array."""
+
+    def __init__(self, mask: SegmentMask):
+        self.mask = mask
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.mask.shape
+
+    def __getitem__(self, idx) -> np.ndarray:
+        rows, cols = idx
+        return self.mask.table[self.mask.q_segments[rows]][:, self.mask.kv_segments[cols]]
+
+    def __eq__(self, other):
+        return isinstance(other, SplashSegmentMask) and self.mask.key == other.mask.key
+
+    def __hash__(self):
+        return hash(self.mask.key)
+
+
+def splash_block(length: int) -> tuple[int, int]:
+    """(padded length, block size) for the splash kernel: lengths over 2048 are padded to a multiple of 512 and
+    use 512-blocks; shorter ones are padded to a multiple of 128 and use the largest of 512/256/128 dividing it."""
+    if length > 2048:
+        return -(-length // 512) * 512, 512
+    padded = -(-length // 128) * 128
+    return padded, next(b for b in (512, 256, 128) if padded % b == 0)
+
+
+def _splash_kernel(mask: SegmentMask, heads: int, interpret: bool) -> splash_kernel.SplashAttentionKernel:
+    """The splash kernel (forward + dq/dkv backward) for a padded mask. Built at trace time; the mask
+    preprocessing is cached by jax (`process_mask` lru_cache) through `SplashSegmentMask`'s content hash."""
+    (_, bq), (_, bkv) = splash_block(mask.shape[0]), splash_block(mask.shape[1])
+    blocks = splash_kernel.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                                      block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
+    multi = splash_mask.MultiHeadMask([SplashSegmentMask(mask)] * heads)
+    return splash_kernel.make_splash_mha(multi, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                                         interpret=interpret)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: SegmentMask | None = None, *,
+                     key_mask: jax.Array | None = None, scale: float = 1.0, interpret: bool = False) -> jax.Array:
+    """The "splash" backend (layouts as `attend`): the Pallas TPU kernel, vmapped over the batch.
+
+    q is scaled by `scale` (in fp32, then cast back) before the kernel, which has no scale. Lq and Lk are padded
+    (`splash_block`); padded keys are masked by the segment table, `key_mask` by per-sample kv segment ids, and a
+    sink logit makes rows without visible keys exactly zero. Under a multi-device mesh the call runs in
+    `jax.shard_map` (see `_splash_specs`); the inputs are resharded to batch x heads as needed.
+    """
+    b, lq, n, d = q.shape
+    lk = k.shape[1]
+    (lq_pad, _), (lk_pad, _) = splash_block(lq), splash_block(lk)
+    full = SegmentMask(np.zeros(lq, np.int32), np.zeros(lk, np.int32), np.ones((1, 1), bool))
+    padded = (full if mask is None else mask).padded(lq_pad, lk_pad)
+
+    def to_kernel(x, length):  # (B, L, N, D) -> (B, N, L_pad, D) in q's dtype
+        return jnp.pad(x.astype(q.dtype), ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
+
+    qt = to_kernel(q if scale == 1.0 else q.astype(jnp.float32) * scale, lq_pad)
+    kt, vt = to_kernel(k, lk_pad), to_kernel(v, lk_pad)
+    kv_ids = None if key_mask is None else jnp.pad(~key_mask, ((0, 0), (0, lk_pad - lk)), constant_values=True)
+
+    def local(qt, kt, vt, kv_ids):
+        kernel = _splash_kernel(padded, qt.shape[1], interpret)
+        sinks = jnp.full((qt.shape[1],), _SPLASH_SINK, jnp.float32)
+        if kv_ids is None:
+            return jax.vmap(lambda q_, k_, v_: kernel(q_, k_, v_, sinks=sinks))(qt, kt, vt)
+        segment_ids = splash_kernel.SegmentIds(q=jnp.zeros((qt.shape[0], lq_pad), jnp.int32),
+                                               kv=kv_ids.astype(jnp.int32))
+        return jax.vmap(lambda q_, k_, v_, s_: kernel(q_, k_, v_, segment_ids=s_, sinks=sinks))(
+            qt, kt, vt, segment_ids)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+        batch, heads = _splash_specs(mesh, b, n)
+        spec = jax.sharding.PartitionSpec(batch, heads, None, None)
+        ids_spec = None if kv_ids is None else jax.sharding.PartitionSpec(batch, None)
+        local = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, ids_spec), out_specs=spec,
+                              check_vma=False)
+    out = local(qt, kt, vt, kv_ids)
+    return out.transpose(0, 2, 1, 3)[:, :lq].astype(q.dtype)
+
+
+def _splash_specs(mesh, batch: int, heads: int) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+    """Mesh axes for the batch and head dimensions of the splash shard_map: the axes the logical names "batch" and
+    "heads" map to (the active `flax` logical-axis rules, else `sharding.DEFAULT_RULES`), keeping the leading ones
+    whose sizes divide the dimension; the rest of the mesh computes replicas."""
+    rules = dict(spmd.get_logical_axis_rules() or sharding.DEFAULT_RULES)
+
+    def axes(logical, size, taken):
+        names = rules.get(logical)
+        names = (names,) if isinstance(names, str) else tuple(names or ())
+        kept = []
+        for name in names:
+            if name in mesh.axis_names and name not in taken and size % (math.prod(
+                    mesh.shape[a] for a in kept) * mesh.shape[name]) == 0:
+                kept.append(name)
+            else:
+                break
+        return tuple(kept) or None
+
+    batch_axes = axes("batch", batch, ())
+    return batch_axes, axes("heads", heads, batch_axes or ())
