@@ -19,10 +19,12 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6,<3",
     "msgpack>=1.0,<2",
     "tqdm>=4.66,<5",
+    "regex>=2023.0,<2027",  # the CLIP BPE tokenizer's Unicode classes (eval)
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3"],
+    # transformers / torchmetrics: reference implementations the eval tests compare against.
+    "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "transformers>=5.0,<6", "torchmetrics>=1.5,<2"],
     # Reading/writing official `.pth` files. The CPU wheel 2.13.0 is what tests/run.sh installs.
     "torch": ["torch>=2.5,<2.14"],
     # Offline dataset builds (ImgEdit parquet annotations).

@@ -1,0 +1,287 @@
+"""Loaders of the editing benchmarks, from the user's local copies (nothing is downloaded).
+
+Each loader yields `Sample`s (id, source image uint8 (H, W, 3), instruction, source / target captions, edit mask or
+None, category) and records every sample it cannot use in a `Skips` (counted per reason, logged, listed).
+Reading needs pyarrow (the `data` extra) for EMU-Edit and GEdit-Bench.
+
+EMU-Edit (`facebook/emu_edit_test_set`): ROOT/data/{test,validation}-*.parquet, columns instruction, image (HF
+  Image struct {bytes, path}), task, split, idx, hash, input_caption, output_caption. Use split "test" (3,589 rows):
+  the `..._generations` repo names the splits the other way round, so a loaded split whose size is that of the other
+  one (or whose files carry `edited_image`) is warned about. Categories are the `task` values as found (count them
+  with `category_counts`; the paper's per-task table does not match the release). No ground-truth output exists.
+PIE-Bench (cure-lab/PnPInversion): ROOT/mapping_file.json + ROOT/annotation_images/<image_path>; ROOT may also be
+  the folder holding `data/`. Per entry: editing_instruction (what instruction editors consume), original_prompt /
+  editing_prompt with `[` `]` removed, editing_type_id "0".."9" (category = its name in `PIE_TYPES`), blended_word,
+  and the mask: flat [start, length, ...] runs over the row-major 512x512 grid (lengths clipped at the end), then
+  the first / last row and column forced to 1 as the official `mask_decode` does.
+GEdit-Bench (`stepfun-ai/GEdit-Bench`): Arrow files (`save_to_disk` streams or Arrow IPC files) anywhere under ROOT,
+  columns task_type, key, instruction, instruction_language ("en" / "cn"), input_image, input_image_raw,
+  Intersection_exist; the source is input_image_raw when present (else input_image); id "<task>/<lang>/<key>".
+"""
+import collections
+import dataclasses
+import glob
+import json
+import logging
+import os
+from typing import Iterator
+
+import numpy as np
+
+from varedit_jax.eval import images as imgs
+
+log = logging.getLogger(__name__)
+
+EMU_SPLIT_SIZES = {"test": 3589, "validation": 2022}
+EMU_COLUMNS = ("instruction", "image", "task", "idx", "input_caption", "output_caption")
+PIE_MASK_SHAPE = (512, 512)
+PIE_TYPES = {"0": "random", "1": "change_object", "2": "add_object", "3": "delete_object",
+             "4": "change_attribute_content", "5": "change_attribute_pose", "6": "change_attribute_color",
+             "7": "change_attribute_material", "8": "change_background", "9": "change_style"}
+PIE_FIELDS = ("image_path", "original_prompt", "editing_prompt", "editing_instruction", "editing_type_id", "mask")
+GEDIT_COLUMNS = ("task_type", "key", "instruction", "instruction_language")
+
+# Skip reasons.
+MISSING_IMAGE = "missing image"
+CORRUPT_IMAGE = "corrupt image"
+BAD_ANNOTATION = "bad annotation"
+EMPTY_INSTRUCTION = "empty instruction"
+SIZE_MISMATCH = "image size differs from the mask"
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One benchmark item. Captions are "" where the benchmark has none; mask (H, W) uint8, 1 = edit region."""
+    id: str
+    source: np.ndarray
+    instruction: str
+    source_caption: str
+    target_caption: str
+    mask: np.ndarray | None
+    category: str
+    extra: dict = dataclasses.field(default_factory=dict)
+
+
+class Skips:
+    """Samples a loader could not use: counts per reason, and (id, reason, detail) rows; each one is logged."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, str, str]] = []
+        self.counts: collections.Counter = collections.Counter()
+
+    def add(self, sample_id: str, reason: str, detail: str = "") -> None:
+        self.rows.append((sample_id, reason, detail))
+        self.counts[reason] += 1
+        log.warning("skipped %s: %s%s", sample_id, reason, f" ({detail})" if detail else "")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def summary(self) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items())) or "none"
+
+
+def category_counts(samples) -> dict[str, int]:
+    """{category: count} of an iterable of samples, in first-seen order."""
+    return dict(collections.Counter(s.category for s in samples))
+
+
+def strip_brackets(prompt: str) -> str:
+    """PIE-Bench prompts mark edited words with [ ]; the evaluation removes the brackets."""
+    return prompt.replace("[", "").replace("]", "")
+
+
+def decode_pie_mask(encoded, shape: tuple[int, int] = PIE_MASK_SHAPE) -> np.ndarray:
+    """PIE-Bench run-length mask -> uint8 (H, W), 1 = edit region, border rows / columns forced to 1.
+
+    `encoded` = [start0, length0, start1, length1, ...] over the row-major flattened grid; runs are clipped at the
+    end of the grid. Raises ValueError for an odd-length list, non-integers, or negative / out-of-range starts.
+    """
+    if not isinstance(encoded, (list, tuple)) or len(encoded) % 2:
+        raise ValueError("a PIE-Bench mask is a flat list [start, length, ...] of even length")
+    total = shape[0] * shape[1]
+    flat = np.zeros(total, np.uint8)
+    for start, length in zip(encoded[0::2], encoded[1::2]):
+        if not (isinstance(start, int) and isinstance(length, int)) or isinstance(start, bool):
+            raise ValueError(f"mask run ({start!r}, {length!r}) is not a pair of integers")
+        if not 0 <= start < total or length < 0:
+            raise ValueError(f"mask run ({start}, {length}) lies outside a {shape[0]}x{shape[1]} grid")
+        flat[start:min(start + length, total)] = 1
+    mask = flat.reshape(shape)
+    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 1
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------- EMU-Edit
+def _pyarrow():
+    try:
+        import pyarrow  # noqa: F401
+        import pyarrow.ipc  # noqa: F401
+        import pyarrow.parquet  # noqa: F401
+    except ImportError as e:
+        raise ImportError("reading EMU-Edit / GEdit-Bench needs pyarrow: pip install 'varedit_jax[data]'") from e
+    return pyarrow
+
+
+def _image_cell(cell, sample_id: str, skips: Skips) -> np.ndarray | None:
+    """An HF Image struct {bytes, path} (or raw bytes) -> uint8 RGB, or None after recording the skip."""
+    data = cell.get("bytes") if isinstance(cell, dict) else cell
+    if not data:
+        skips.add(sample_id, MISSING_IMAGE, "no image bytes")
+        return None
+    try:
+        return imgs.decode(data)
+    except ValueError as e:
+        skips.add(sample_id, CORRUPT_IMAGE, str(e))
+        return None
+
+
+def _text(row: dict, key: str) -> str:
+    value = row.get(key)
+    return value.strip() if isinstance(value, str) else ""
+
+
+def emu_edit(root, split: str = "test", skips: Skips | None = None) -> Iterator[Sample]:
+    """EMU-Edit samples of `split` from ROOT/data/<split>-*.parquet (see the module docstring)."""
+    pq = _pyarrow().parquet
+    if split not in EMU_SPLIT_SIZES:
+        raise ValueError(f"EMU-Edit split must be one of {sorted(EMU_SPLIT_SIZES)}, got {split!r}")
+    files = sorted(glob.glob(os.path.join(root, "data", f"{split}-*.parquet")))
+    if not files:
+        raise FileNotFoundError(f"no EMU-Edit shards {os.path.join(root, 'data', split + '-*.parquet')}")
+    skips = skips if skips is not None else Skips()
+    shards = [_emu_shard(pq, path) for path in files]
+    rows = sum(shard.metadata.num_rows for shard in shards)
+    if rows != EMU_SPLIT_SIZES[split]:
+        swapped = [s for s, n in EMU_SPLIT_SIZES.items() if s != split and n == rows]
+        log.warning("EMU-Edit split %r has %d rows, expected %d%s", split, rows, EMU_SPLIT_SIZES[split],
+                    f" - that is the size of {swapped[0]!r}: the split names look swapped" if swapped else "")
+    for shard in shards:
+        for batch in shard.iter_batches(batch_size=64, columns=list(EMU_COLUMNS)):
+            for row in batch.to_pylist():
+                sample_id = f"emu_edit:{split}:{row['idx']}"
+                instruction = _text(row, "instruction")
+                if not instruction:
+                    skips.add(sample_id, EMPTY_INSTRUCTION)
+                    continue
+                image = _image_cell(row["image"], sample_id, skips)
+                if image is not None:
+                    yield Sample(sample_id, image, instruction, _text(row, "input_caption"),
+                                 _text(row, "output_caption"), None, _text(row, "task"), dict(idx=row["idx"]))
+
+
+def _emu_shard(pq, path: str):
+    """An opened EMU-Edit parquet shard; raises ValueError for unreadable files or missing columns."""
+    try:
+        shard = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for damaged files
+        raise ValueError(f"{path}: cannot read parquet: {e}") from e
+    names = set(shard.schema_arrow.names)
+    missing = [c for c in EMU_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"{path}: not an EMU-Edit shard, columns {missing} are missing (has {sorted(names)})")
+    if "edited_image" in names:
+        log.warning("%s has an edited_image column: this is the emu_edit_test_set_generations repo, whose split "
+                    "names are swapped (its 'validation' is the 3,589-sample test set)", path)
+    return shard
+
+
+# --------------------------------------------------------------------------------------------------- PIE-Bench
+def _pie_root(root: str) -> str:
+    for candidate in (root, os.path.join(root, "data")):
+        if os.path.isfile(os.path.join(candidate, "mapping_file.json")):
+            return candidate
+    raise FileNotFoundError(f"no mapping_file.json in {root} or {os.path.join(root, 'data')}")
+
+
+def pie_bench(root, skips: Skips | None = None) -> Iterator[Sample]:
+    """PIE-Bench samples from ROOT/mapping_file.json + ROOT/annotation_images (see the module docstring)."""
+    root = _pie_root(str(root))
+    skips = skips if skips is not None else Skips()
+    path = os.path.join(root, "mapping_file.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            mapping = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON: {e}") from e
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{path}: expected an object keyed by sample id")
+    for key, item in mapping.items():
+        sample_id = f"pie_bench:{key}"
+        missing = [f for f in PIE_FIELDS if not isinstance(item, dict) or f not in item]
+        if missing:
+            skips.add(sample_id, BAD_ANNOTATION, f"fields {missing} missing")
+            continue
+        not_text = [f for f in PIE_FIELDS[:4] if not isinstance(item[f], str)]
+        if not_text:
+            skips.add(sample_id, BAD_ANNOTATION, f"fields {not_text} are not strings")
+            continue
+        instruction = item["editing_instruction"].strip()
+        if not instruction:
+            skips.add(sample_id, EMPTY_INSTRUCTION)
+            continue
+        try:
+            mask = decode_pie_mask(item["mask"])
+        except ValueError as e:
+            skips.add(sample_id, BAD_ANNOTATION, str(e))
+            continue
+        image_path = os.path.join(root, "annotation_images", item["image_path"])
+        try:
+            image = imgs.read(image_path)
+        except FileNotFoundError:
+            skips.add(sample_id, MISSING_IMAGE, image_path)
+            continue
+        except ValueError as e:
+            skips.add(sample_id, CORRUPT_IMAGE, str(e))
+            continue
+        if image.shape[:2] != mask.shape:
+            skips.add(sample_id, SIZE_MISMATCH, f"image {image.shape[:2]}, mask {mask.shape}")
+            continue
+        type_id = str(item["editing_type_id"])
+        yield Sample(sample_id, image, instruction, strip_brackets(item["original_prompt"]),
+                     strip_brackets(item["editing_prompt"]), mask, PIE_TYPES.get(type_id, type_id),
+                     dict(editing_type_id=type_id, blended_word=item.get("blended_word", ""),
+                          image_path=item["image_path"]))
+
+
+# ------------------------------------------------------------------------------------------------- GEdit-Bench
+def _arrow_batches(path: str):
+    """Record batches of an Arrow stream (HF `save_to_disk`) or Arrow IPC file; raises ValueError if neither."""
+    pa = _pyarrow()
+    try:
+        return iter(pa.ipc.open_stream(pa.memory_map(path)))
+    except (pa.ArrowInvalid, OSError):
+        pass
+    try:
+        reader = pa.ipc.open_file(pa.memory_map(path))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"{path}: not an Arrow stream or file: {e}") from e
+    return (reader.get_batch(i) for i in range(reader.num_record_batches))
+
+
+def gedit_bench(root, language: str | None = None, skips: Skips | None = None) -> Iterator[Sample]:
+    """GEdit-Bench samples from the Arrow files under ROOT, optionally of one language ("en" / "cn")."""
+    files = sorted(glob.glob(os.path.join(root, "**", "*.arrow"), recursive=True))
+    if not files:
+        raise FileNotFoundError(f"no GEdit-Bench .arrow files under {root}")
+    skips = skips if skips is not None else Skips()
+    for path in files:
+        for batch in _arrow_batches(path):
+            names = set(batch.schema.names)
+            missing = [c for c in GEDIT_COLUMNS if c not in names]
+            if missing or not names & {"input_image", "input_image_raw"}:
+                raise ValueError(f"{path}: not GEdit-Bench, columns {missing or ['input_image']} are missing")
+            for row in batch.to_pylist():
+                lang = _text(row, "instruction_language")
+                if language is not None and lang != language:
+                    continue
+                sample_id = f"gedit_bench:{_text(row, 'task_type')}/{lang}/{row['key']}"
+                instruction = _text(row, "instruction")
+                if not instruction:
+                    skips.add(sample_id, EMPTY_INSTRUCTION)
+                    continue
+                image = _image_cell(row.get("input_image_raw") or row.get("input_image"), sample_id, skips)
+                if image is not None:
+                    yield Sample(sample_id, image, instruction, "", "", None, _text(row, "task_type"),
+                                 dict(key=row["key"], language=lang,
+                                      intersection_exist=bool(row.get("Intersection_exist", False))))
