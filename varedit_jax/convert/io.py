@@ -143,7 +143,7 @@ def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarra
     os.close(fd)
     try:
         if path.suffix == ".safetensors":
-            safetensors.numpy.save_file(arrays, tmp)
+            safetensors.numpy.save_file(arrays, tmp, metadata={"format": "pt"})  # as torch writes it
         else:
             torch = _torch()
             tensors = {}
