@@ -29,6 +29,7 @@ import ml_collections
 from flax import nnx
 
 from varedit_jax import quantizer
+from varedit_jax.params import load_param_dict, param_dict  # noqa: F401  (re-exported: tokenizer.param_dict)
 
 NORM_EPS = 1e-6
 _PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}
@@ -293,32 +294,3 @@ def build(config: ml_collections.ConfigDict, params: dict | None = None, *, seed
     model = nnx.eval_shape(lambda: AutoEncoder(config, rngs=nnx.Rngs(0)))
     load_param_dict(model, params)
     return model
-
-
-def param_dict(model: nnx.Module) -> dict:
-    """The model's parameters as a nested dict of arrays (`nnx.to_pure_dict` of the Param state)."""
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def _flat_keys(tree) -> set[str]:
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def load_param_dict(model: nnx.Module, params: dict) -> None:
-    """Replaces the model's parameters by `params` (a nested dict, list indices as int or str); every parameter
-    must be present with its shape, otherwise ValueError names the differences."""
-    want = param_dict(model)
-    missing, unexpected = sorted(_flat_keys(want) - _flat_keys(params)), sorted(_flat_keys(params) - _flat_keys(want))
-    if missing or unexpected:
-        raise ValueError(f"parameter tree does not match the model: missing {missing[:10]}, "
-                         f"unexpected {unexpected[:10]}")
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params, replace_fn=_checked_replace)
-    nnx.update(model, state)
-
-
-def _checked_replace(variable, value):
-    if tuple(variable.shape) != tuple(jnp.shape(value)):
-        raise ValueError(f"parameter shape {tuple(jnp.shape(value))} != model shape {tuple(variable.shape)}")
-    return variable.replace(jnp.asarray(value, variable.dtype))

@@ -1,0 +1,34 @@
+"""Parameter trees of NNX modules as nested dicts of arrays (what checkpoints and converters exchange).
+
+`param_dict(model)` is `nnx.to_pure_dict` of the model's Param state (list indices become int keys);
+`load_param_dict(model, params)` writes such a tree back, refusing missing/unexpected keys and shape changes.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def param_dict(model: nnx.Module) -> dict:
+    """The model's parameters as a nested dict of arrays (`nnx.to_pure_dict` of the Param state)."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
+    """{"a/b/0/c": shape} for every leaf of a nested tree."""
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(np.shape(v))
+            for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def load_param_dict(model: nnx.Module, params: dict) -> None:
+    """Replaces the model's parameters by `params` (nested dict, list indices int or str); every parameter must be
+    present with its shape, otherwise ValueError names the differences."""
+    want, got = flat_shapes(param_dict(model)), flat_shapes(params)
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    bad = [f"{k}: {got[k]} vs model {want[k]}" for k in want if k in got and got[k] != want[k]]
+    if missing or unexpected or bad:
+        raise ValueError(f"parameter tree does not match the model: missing {missing[:10]}, unexpected "
+                         f"{unexpected[:10]}, shapes {bad[:5]}")
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params, replace_fn=lambda var, v: var.replace(jnp.asarray(v, var.dtype)))
+    nnx.update(model, state)
