@@ -12,9 +12,7 @@ Resolutions in --compile_only are compiled, not run (e.g. 1024 px: 14617 tokens)
 """
 import argparse
 import json
-import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -24,6 +22,7 @@ import jax.numpy as jnp
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import common
 from varedit_jax import attention, conditioning, schedules  # noqa: E402
 
 
@@ -77,12 +76,8 @@ def main() -> int:
     rows = [bench(int(r), impl, run=True, **dims) for r in args.resolutions.split(",") if r for impl in impls]
     rows += [bench(int(r), "exact", run=False, **dims) for r in args.compile_only.split(",") if r]
     result = {"benchmark": "attention fwd+bwd, VAREdit blocks>=1 mask, fp32: exact (query-chunked) vs xla (dense)",
-              "exact_chunk": attention.EXACT_CHUNK, "backend": jax.default_backend(),
-              "cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__, "rows": rows}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+              "exact_chunk": attention.EXACT_CHUNK, "rows": rows}
+    common.write(result, args.out)
     return 0
 
 

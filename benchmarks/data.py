@@ -12,7 +12,7 @@ import argparse
 import io
 import json
 import os
-import platform
+import pathlib
 import tempfile
 import time
 
@@ -20,6 +20,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
+import common
 from data_pipelines import build, records, webdataset
 from varedit_jax import data
 
@@ -83,7 +84,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--min-seconds", type=float, default=2.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best rate of each is kept")
-    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "data.json"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         tar_path, rec_dir = make_data(folder, args.pairs, args.height, args.width)
@@ -102,15 +103,11 @@ def main() -> None:
         "benchmark": "data: decoded + resized (LANCZOS cover + centre crop, [-1, 1]) edit pairs per second, one core",
         "setup": {"pairs": args.pairs, "source_size": [args.height, args.width], "jpeg_quality": 90,
                   "mean_pair_kib": round(tar_bytes / args.pairs / 1024, 1), "rounds": args.rounds,
-                  "min_seconds": args.min_seconds, "python": platform.python_version(), "pillow": PIL.__version__,
-                  "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()},
+                  "min_seconds": args.min_seconds, "pillow": PIL.__version__},
         "results": results,
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print(json.dumps(report, indent=1))
+    common.write(report, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -31,6 +30,7 @@ import numpy as np  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import common
 from varedit_jax import conditioning, configlib, sampler, schedules, transformer  # noqa: E402
 from varedit_jax.convert import infinity as convert_infinity  # noqa: E402
 
@@ -158,8 +158,7 @@ def main() -> None:
     p.add_argument("--iters_big", type=int, default=1)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sampler.json"))
     args = p.parse_args()
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                          "device": str(jax.devices()[0])}, "dtype": "float32", "text_tokens": TEXT_LEN}
+    result = {"dtype": "float32", "text_tokens": TEXT_LEN}
     for name in args.sections.split(","):
         if name not in SECTIONS:
             raise SystemExit(f"unknown section {name!r}; known: {', '.join(SECTIONS)}")
@@ -167,10 +166,7 @@ def main() -> None:
         t0 = time.perf_counter()
         result[name] = SECTIONS[name](args)
         result[name]["section_s"] = time.perf_counter() - t0
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {out}")
+    common.write(result, args.out)
 
 
 if __name__ == "__main__":

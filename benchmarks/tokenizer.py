@@ -9,9 +9,7 @@ Official widths (configs/vae_d32.py, configs/vae_d56.py) with random weights, sq
 """
 import argparse
 import json
-import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -21,6 +19,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import common
 from varedit_jax import configlib, quantizer, schedules, tokenizer  # noqa: E402
 
 FAMILIES = {"d32": REPO / "configs/vae_d32.py", "d56": REPO / "configs/vae_d56.py"}
@@ -83,13 +82,8 @@ def main() -> int:
         parser.error(f"unknown families {unknown}; known: {sorted(FAMILIES)}")
     resolutions = [int(r) for r in args.resolutions.split(",") if r]
     rows = [row for fam in families for row in bench_family(fam, resolutions, args.batch, args.iters)]
-    result = {"benchmark": "tokenizer encode + multi-scale quantize (random weights, fp32)",
-              "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()[:1]],
-              "cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__, "rows": rows}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    result = {"benchmark": "tokenizer encode + multi-scale quantize (random weights, fp32)", "rows": rows}
+    common.write(result, args.out)
     return 0
 
 

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from flax import nnx  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import common  # noqa: E402
 from varedit_jax import conditioning, configlib, rope, schedules, transformer  # noqa: E402
 from varedit_jax.attention import attend  # noqa: E402
 from varedit_jax.convert import infinity as convert_infinity  # noqa: E402
@@ -234,18 +234,14 @@ def main() -> int:
     if unknown:
         print(f"error: unknown sections {unknown}", file=sys.stderr)
         return 2
-    result = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "jax": jax.__version__,
-                          "backend": jax.default_backend()}, "official": OFFICIAL}
+    result = {"official": OFFICIAL}
     if "tiny" in sections:
         result["tiny"] = section_tiny(args.iters)
     if "block" in sections:
         result["block"] = section_block(args.iters)
     if "compile" in sections:
         result["compile"] = section_compile(args.compile_limit_s)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    common.write(result, args.out)
     return 0
 
 
