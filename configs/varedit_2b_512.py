@@ -3,16 +3,16 @@ source conditioning `sar` (official; `configs/varedit_2b_512.py:finest` or `:ful
 
   python -m varedit_jax.convert import --kind varedit --src 2B-512.pth --out ckpts/varedit_2b_512 \
       --config configs/varedit_2b_512.py
-"""
-import ml_collections
 
-from varedit_jax import conditioning, transformer
+Stage 2 of the paper's 2B recipe: 7k steps at 512 px (pn 0.25M), batch 960, LR 1.875e-5, from stage 1
+(init_checkpoint: the previous stage workdir; paths via `--config.init_checkpoint=...`):
+
+  python -m varedit_jax.train --config configs/varedit_2b_512.py --workdir runs/varedit_2b_512 \
+      --config.vae.path=ckpts/vae_d32 --config.text.path=ckpts/flan_t5_xl --config.data.paths=DATA_DIRS
+"""
+from varedit_jax import train
 
 
 def get_config(arg=None):
-    config = ml_collections.ConfigDict()
-    config.kind = "varedit"
-    config.conditioning = conditioning.source_mode(arg)
-    config.pn = "0.25M"
-    config.model = transformer.default_model_config(**transformer.OFFICIAL_SHAPES["2b"])
-    return config
+    return train.paper_config("2b", "0.25M", arg, batch_size=960, lr=1.875e-5, total_steps=7000,
+                              init_checkpoint="runs/varedit_2b_256")

@@ -3,16 +3,16 @@ source conditioning `sar` (official; `configs/varedit_8b_512.py:finest` or `:ful
 
   python -m varedit_jax.convert import --kind varedit --src 8B-512.pth --out ckpts/varedit_8b_512 \
       --config configs/varedit_8b_512.py
-"""
-import ml_collections
 
-from varedit_jax import conditioning, transformer
+The paper's 8B recipe: 60k steps at 512 px (pn 0.25M), batch 1536, LR 6e-5, from Infinity-8B
+(set init_checkpoint to the imported Infinity weights; paths via `--config.init_checkpoint=...`):
+
+  python -m varedit_jax.train --config configs/varedit_8b_512.py --workdir runs/varedit_8b_512 \
+      --config.vae.path=ckpts/vae_d56 --config.text.path=ckpts/flan_t5_xl --config.data.paths=DATA_DIRS
+"""
+from varedit_jax import train
 
 
 def get_config(arg=None):
-    config = ml_collections.ConfigDict()
-    config.kind = "varedit"
-    config.conditioning = conditioning.source_mode(arg)
-    config.pn = "0.25M"
-    config.model = transformer.default_model_config(**transformer.OFFICIAL_SHAPES["8b"])
-    return config
+    return train.paper_config("8b", "0.25M", arg, batch_size=1536, lr=6e-5, total_steps=60000,
+                              init_checkpoint="")

@@ -1,18 +1,32 @@
-"""The tiny CPU default: a VAREdit-shaped transformer for the toy tokenizer (d = 32, stride 4: 64 px images ->
-16 x 16 latents) and the toy text encoder (width 64). pn 0.06M on the 1.0 template: 521 target tokens, 777 with the
-finest-scale source (`sar`, default), 1042 with `full` (`configs/varedit_tiny.py:full` / `:finest`).
-"""
-import ml_collections
+"""The tiny CPU default: a VAREdit-shaped transformer on the toy task (64 px images, toy tokenizer d = 16 stride 4,
+toy text encoder width 64), pn 0.06M on the 1.0 template: 521 target tokens, 777 with the finest-scale source
+(`sar`, default, and `finest`), 1042 with `full` (`configs/varedit_tiny.py:full` / `:finest`).
 
-from varedit_jax import conditioning, transformer
+  python -m varedit_jax.train --config configs/varedit_tiny.py --workdir runs/tiny
+
+Empty asset paths (vae.path, text.path, data.paths) are filled with the toy assets, built once into the cache
+(`varedit_jax.assets`).
+"""
+from varedit_jax import conditioning, train, transformer
 
 
 def get_config(arg=None):
-    config = ml_collections.ConfigDict()
-    config.kind = "varedit"
-    config.conditioning = conditioning.source_mode(arg)
-    config.pn = "0.06M"
-    config.model = transformer.default_model_config(
-        embed_dim=128, depth=4, num_heads=4, bits=32, text_dim=64, text_max_len=64, text_pool_heads=1,
+    model = transformer.default_model_config(
+        embed_dim=128, depth=4, num_heads=4, bits=16, text_dim=64, text_max_len=32, text_pool_heads=1,
         block_chunks=2, remat="none", drop_path_rate=0.0)
+    config = train.default_config(model, conditioning_mode=conditioning.source_mode(arg), pn="0.06M")
+    config.total_steps = 300
+    config.batch_size = 8
+    config.checkpoint_every = 100
+    config.log_every = 10
+    config.eval_batches = 2
+    config.optim.lr = 1e-3
+    config.optim.warmup_steps = 20
+    config.text.max_len = 32
+    config.vae.config = str(train.REPO / "configs/toy_tokenizer.py")   # what an empty vae.path / text.path build
+    config.text.config = str(train.REPO / "configs/toy_text.py")
+    config.text.dtype = "float32"   # bf16 is slow on CPUs
+    config.data.max_text_len = config.eval_data.max_text_len = 32
+    config.data.read_threads = config.eval_data.read_threads = 2
+    config.bsc.noise_apply_layers = 7  # every scale at 0.06M
     return config

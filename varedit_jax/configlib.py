@@ -4,6 +4,7 @@ A config path may carry an argument after a colon, `configs/varedit_2b_256.py:sa
 Command-line overrides use absl + ml_collections config flags (`--config.FIELD=VALUE`) in the CLIs; in code use
 `override(config, {"a.b": v})`.
 """
+import ast
 import importlib.util
 import pathlib
 from typing import Any, Mapping
@@ -37,3 +38,18 @@ def override(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml
             raise KeyError(f"config has no field {dotted!r}")
         node[leaf] = value
     return config
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """["--config.a.b=1e-3", ...] -> {"a.b": 0.001}; values are Python literals (else strings). ValueError for
+    anything else, so a mistyped flag is never silently ignored."""
+    out = {}
+    for arg in args:
+        if not arg.startswith("--config.") or "=" not in arg:
+            raise ValueError(f"unexpected argument {arg!r} (config overrides look like --config.FIELD=VALUE)")
+        dotted, value = arg[len("--config."):].split("=", 1)
+        try:
+            out[dotted] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[dotted] = value
+    return out

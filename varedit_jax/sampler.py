@@ -46,7 +46,6 @@ longest one (padding keys are masked, so features are unchanged); one compile pe
 Compile time (CPU, 2 cores): see benchmarks/sampler.py (`compile_s` per configuration).
 """
 import functools
-import math
 import time
 from typing import NamedTuple, Sequence
 
@@ -241,52 +240,9 @@ def inference_mesh(devices: Sequence | None = None, *, tensor: int = 1, fsdp: in
                               tensor=tensor)
 
 
-def _axes_for(mesh: jax.sharding.Mesh, names, size: int, taken: set) -> tuple[str, ...]:
-    """The leading mesh axes of `names` (a rule value) whose product divides `size` (others: replicated)."""
-    names = (names,) if isinstance(names, str) else tuple(names or ())
-    kept = []
-    for name in names:
-        if name not in mesh.axis_names or name in taken or size % (math.prod(mesh.shape[a] for a in kept)
-                                                                   * mesh.shape[name]):
-            break
-        kept.append(name)
-    return tuple(kept)
-
-
-def batch_axes(mesh: jax.sharding.Mesh, size: int) -> tuple[str, ...] | None:
-    """Mesh axes a batch dimension of `size` is split over ("batch" rule: data, fsdp)."""
-    return _axes_for(mesh, dict(sharding.DEFAULT_RULES)["batch"], size, set()) or None
-
-
-def data_parallel_size(mesh: jax.sharding.Mesh) -> int:
-    """Devices a batch is split over (the batch is padded to a multiple of it)."""
-    return math.prod(mesh.shape[a] for a in _axes_for(mesh, dict(sharding.DEFAULT_RULES)["batch"], 0, set()))
-
-
-def param_shardings(state, mesh: jax.sharding.Mesh, rules=sharding.DEFAULT_RULES):
-    """NamedShardings of a model state from its logical axis names (`rules`); a dimension a mesh axis does not
-    divide is replicated over it."""
-    rules = dict(rules)
-
-    def one(spec, leaf):
-        taken: set = set()
-        axes = []
-        for dim, name in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
-            kept = _axes_for(mesh, rules.get(name), dim, taken) if name else ()
-            taken.update(kept)
-            axes.append(kept or None)
-        return NamedSharding(mesh, P(*axes))
-
-    return jax.tree.map(one, nnx.get_partition_spec(state), state)
-
-
-def _batch_sharding(mesh: jax.sharding.Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    return NamedSharding(mesh, P(batch_axes(mesh, shape[0]), *([None] * (len(shape) - 1))))
-
-
 def shard_batch(tree, mesh: jax.sharding.Mesh):
     """Places every array of `tree` with its leading (batch) axis split over the data-parallel mesh axes."""
-    return jax.tree.map(lambda a: jax.device_put(a, _batch_sharding(mesh, np.shape(a))), tree)
+    return jax.tree.map(lambda a: jax.device_put(a, sharding.batch_sharding(mesh, np.ndim(a), np.shape(a)[0])), tree)
 
 
 def _constrain_state(state: transformer.DecodeState, mesh: jax.sharding.Mesh | None) -> transformer.DecodeState:
@@ -294,8 +250,9 @@ def _constrain_state(state: transformer.DecodeState, mesh: jax.sharding.Mesh | N
     if mesh is None or mesh.size == 1:
         return state
     rows = state.first_k.shape[0]
-    batch = batch_axes(mesh, rows)
-    heads = _axes_for(mesh, dict(sharding.DEFAULT_RULES)["heads"], state.first_k.shape[2], set(batch or ())) or None
+    batch = sharding.batch_axes(mesh, rows)
+    heads = sharding.axes_for(mesh, dict(sharding.DEFAULT_RULES)["heads"], state.first_k.shape[2],
+                              set(batch or ())) or None
     u = P.UNCONSTRAINED
 
     def con(x, spec):
@@ -364,11 +321,11 @@ class Sampler:
         self.mesh = mesh if mesh is not None else inference_mesh()
         self.cfg = model.cfg
         self.graphdef, state = nnx.split(model)
-        self.state = jax.device_put(state, param_shardings(state, self.mesh))
+        self.state = jax.device_put(state, sharding.param_shardings(state, self.mesh))
 
     @property
     def data_size(self) -> int:
-        return data_parallel_size(self.mesh)
+        return sharding.data_parallel_size(self.mesh)
 
     def sample(self, layout: conditioning.SequenceLayout, text_feats, text_mask, source=None, *, seed: int = 0,
                index=None, cfg=DEFAULT_CFG, tau=DEFAULT_TAU, top_k: int = DEFAULT_TOP_K, top_p: float = DEFAULT_TOP_P,
@@ -405,7 +362,7 @@ class Sampler:
         f32 = jnp.float32
 
         def spec(shape, dtype):
-            return jax.ShapeDtypeStruct(shape, dtype, sharding=_batch_sharding(self.mesh, shape))
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(self.mesh, len(shape), shape[0]))
 
         texts = TextInputs(spec((b, text_len, cfg.text_dim), f32), spec((b, text_len), bool),
                            spec((b, text_len, cfg.text_dim), f32), spec((b, text_len), bool), spec((b,), bool))
@@ -440,7 +397,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, slice_name: str, *, 
     mesh = topology.make_mesh(slice_name, data=data, fsdp=1, tensor=tensor)
     abstract = nnx.eval_shape(lambda: transformer.Infinity(model_cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    shardings = param_shardings(state, mesh)
+    shardings = sharding.param_shardings(state, mesh)
     sampler = Sampler.__new__(Sampler)
     sampler.mesh, sampler.cfg, sampler.graphdef = mesh, abstract.cfg, graphdef
     sampler.state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
@@ -529,10 +486,10 @@ class Editor:
         self.sampler = Sampler(transformer.build(model_cfg, params), mesh)
         self.mesh = mesh
         self.vae_graphdef, vae_state = nnx.split(tokenizer)
-        self.vae_state = jax.device_put(vae_state, param_shardings(vae_state, mesh))
+        self.vae_state = jax.device_put(vae_state, sharding.param_shardings(vae_state, mesh))
         self.stride = tokenizer.stride
         self.text_graphdef, text_state = nnx.split(text_encoder)
-        self.text_state = jax.device_put(text_state, param_shardings(text_state, mesh))
+        self.text_state = jax.device_put(text_state, sharding.param_shardings(text_state, mesh))
         self.text_tokenizer = text_tokenizer
         dp = self.sampler.data_size
         self.batch_size = -(-(batch_size or dp) // dp) * dp

@@ -18,6 +18,12 @@ Vocabulary (parameters):
   unmodeled   anything small that should never be sharded  -> replicated
 Activations: batch -> (data, fsdp); length, act_embed -> replicated.
 """
+import math
+
+import jax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -38,3 +44,54 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("length", None),
     ("act_embed", None),
 )
+
+
+def rules_dict(rules=None) -> dict:
+    """{logical name: mesh axes} from a rules sequence (a config's `mesh.rules`; default `DEFAULT_RULES`)."""
+    return dict(DEFAULT_RULES if rules is None else (tuple(r) for r in rules))
+
+
+def axes_for(mesh: jax.sharding.Mesh, names, size: int, taken: set) -> tuple[str, ...]:
+    """The leading mesh axes of `names` (a rule value) whose product divides `size` (the others: replicated), skipping
+    none: the first axis that is absent, already `taken` by another dimension, or does not divide, ends the list."""
+    names = (names,) if isinstance(names, str) else tuple(names or ())
+    kept = []
+    for name in names:
+        if name not in mesh.axis_names or name in taken or size % (math.prod(mesh.shape[a] for a in kept)
+                                                                   * mesh.shape[name]):
+            break
+        kept.append(name)
+    return tuple(kept)
+
+
+def batch_axes(mesh: jax.sharding.Mesh, size: int, rules=None) -> tuple[str, ...] | None:
+    """Mesh axes a batch dimension of `size` is split over (the "batch" rule: data, fsdp)."""
+    return axes_for(mesh, rules_dict(rules)["batch"], size, set()) or None
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh, rules=None) -> int:
+    """Devices a batch is split over (batches are padded / sized to a multiple of it)."""
+    return math.prod(mesh.shape[a] for a in axes_for(mesh, rules_dict(rules)["batch"], 0, set()))
+
+
+def logical_to_spec(names: tuple, shape: tuple[int, ...], mesh: jax.sharding.Mesh, rules=None) -> P:
+    """PartitionSpec of an array with logical axis `names`; a dimension a mesh axis does not divide is replicated."""
+    rules = rules_dict(rules)
+    taken: set = set()
+    axes = []
+    for dim, name in zip(shape, tuple(names) + (None,) * (len(shape) - len(names))):
+        kept = axes_for(mesh, rules.get(name), dim, taken) if name else ()
+        taken.update(kept)
+        axes.append(kept or None)
+    return P(*axes)
+
+
+def param_shardings(state, mesh: jax.sharding.Mesh, rules=None):
+    """NamedShardings of an NNX state (leaves carry logical names, `nnx.get_partition_spec`), same tree structure."""
+    return jax.tree.map(lambda spec, leaf: NamedSharding(mesh, logical_to_spec(tuple(spec), leaf.shape, mesh, rules)),
+                        nnx.get_partition_spec(state), state)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, size: int, rules=None) -> NamedSharding:
+    """Sharding of a batch-leading array: dim 0 over the batch axes, the rest replicated."""
+    return NamedSharding(mesh, P(batch_axes(mesh, size, rules), *([None] * (ndim - 1))))

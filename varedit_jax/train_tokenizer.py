@@ -32,8 +32,6 @@ from data_pipelines import toy
 from varedit_jax import checkpoint, schedules, tokenizer
 
 TRAIN_STATE = "train_state"
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py training config", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "output / resume directory")
 
 
 def toy_images(seed: int, first: int, count: int, size: int) -> np.ndarray:
@@ -172,20 +170,22 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     return last
 
 
-def main(argv) -> int:
+def main(argv, config: ml_collections.ConfigDict | None, workdir: str | None) -> int:
     logging.set_verbosity(logging.WARNING)  # orbax logs every checkpoint step at INFO
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None or not _WORKDIR.value:
+    if config is None or not workdir:
         print("error: --config and --workdir are required", file=sys.stderr)
         return 2
     try:
-        train(_CONFIG.value, _WORKDIR.value)
+        train(config, workdir)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
-if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+if __name__ == "__main__":  # flags are defined here only, so importing this module defines none
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py training config", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "output / resume directory")
+    app.run(lambda argv: sys.exit(main(argv, _CONFIG.value, _WORKDIR.value)))

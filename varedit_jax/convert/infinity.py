@@ -106,6 +106,22 @@ def block_prefix(b: int, depth: int, block_chunks: int) -> str:
     return f"block_chunks.{b // per}.module.{b % per}."
 
 
+def official_key(path: tuple) -> tuple[str, str]:
+    """(official key, how) of a parameter path; block parameters (`("blocks", [index,] ...)`, stacked or looped) give
+    the block-relative key. KeyError for a path that is not in the key table."""
+    path = tuple(int(k) if isinstance(k, str) and k.isdigit() else k for k in path)
+    if path == ("cfg_uncond",):
+        return "cfg_uncond", "vector"
+    if path[0] == "blocks":
+        rest = path[2:] if isinstance(path[1], int) else path[1:]
+        rows = {p: (name, how) for name, p, how in _BLOCK}
+    else:
+        rest, rows = path, {p: (name, how) for name, p, how in _TOP}
+    if rest not in rows:
+        raise KeyError(f"parameter {'/'.join(map(str, path))} is not in the official key table")
+    return rows[rest]
+
+
 def _official_shapes(m: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
     """Official key -> shape (buffers included; cfg_uncond with `cfg_uncond_export_rows` rows)."""
     c, ct, hp = m.embed_dim, m.text_dim, m.text_pool_heads

@@ -1,0 +1,122 @@
+"""The tiny default's assets, built once and reused: the toy dataset (train + eval splits), the toy tokenizer and the
+toy text encoder.
+
+They live in a cache directory (`$VAREDIT_CACHE`, default `~/.cache/varedit_jax`), one folder per asset named by a
+hash of everything that determines it, so a changed setting builds a new one and an unchanged one is reused across
+runs, sweeps and processes. A file lock per asset makes concurrent processes build it once; a build interrupted
+half-way is resumed or redone (each builder is itself resumable / atomic).
+
+`resolve(config)` fills the empty paths of a training config (`vae.path`, `text.path`, `data.paths`,
+`data.spiece_model`, `eval_data.paths`) from `config.toy` and returns a copy; configs that name real assets pass
+through unchanged.
+"""
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+
+import ml_collections
+
+from data_pipelines import build as data_build
+from data_pipelines import toy
+from varedit_jax import configlib, schedules, text, train_tokenizer
+from varedit_jax.convert import t5 as convert_t5
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+TOY_TOKENIZER_CONFIG = REPO / "configs" / "toy_tokenizer.py"
+TOY_TEXT_CONFIG = REPO / "configs" / "toy_text.py"
+TOY_STRIDE = 4
+
+
+def default_toy_config() -> ml_collections.ConfigDict:
+    """`config.toy`: what the toy assets are built from."""
+    return ml_collections.ConfigDict(dict(
+        num_pairs=4000, seed=0,            # training split
+        eval_pairs=64, eval_seed=1,        # held-out split (validation loss, ablation scores)
+        tokenizer_steps=600))              # toy tokenizer training steps (configs/toy_tokenizer.py otherwise)
+
+
+def cache_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("VAREDIT_CACHE") or "~/.cache/varedit_jax").expanduser().resolve()
+
+
+def _digest(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _locked(path: pathlib.Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def toy_dataset(num: int, seed: int, size: int) -> pathlib.Path:
+    """A toy record dataset of `num` pairs at `size` px (`data_pipelines.build --format toy`)."""
+    out = cache_dir() / f"toy_data-{_digest(dict(num=num, seed=seed, size=size))}"
+    with _locked(out):
+        if not (out / "dataset.json").is_file():
+            print(f"[assets] building the toy dataset ({num} pairs, {size} px, seed {seed}) in {out}", flush=True)
+            args = ["--format", "toy", "--out", str(out), "--num", str(num), "--size", str(size), "--seed", str(seed)]
+            if data_build.main(args) != 0:
+                raise RuntimeError(f"building the toy dataset in {out} failed (see above)")
+    return out
+
+
+def toy_tokenizer(steps: int, seed: int) -> pathlib.Path:
+    """A toy tokenizer workdir (`configs/toy_tokenizer.py` trained for `steps` steps on toy images)."""
+    config = configlib.load(TOY_TOKENIZER_CONFIG)
+    config.num_steps, config.seed = steps, seed
+    config.checkpoint_every = min(config.checkpoint_every, steps)
+    out = cache_dir() / f"toy_tokenizer-{_digest(config.to_dict())}"
+    with _locked(out):
+        done = out / "checkpoints" / str(steps)
+        if not done.is_dir():
+            print(f"[assets] training the toy tokenizer ({steps} steps) in {out}", flush=True)
+            train_tokenizer.train(config, out)
+    return out
+
+
+def toy_corpus(seed: int, num: int = 1000) -> list[str]:
+    """Instructions of the toy task (its whole small vocabulary), for the toy text encoder's sentencepiece model."""
+    return [toy.render_pair(seed, i, toy.MIN_SIZE * 2)["instruction"] for i in range(num)]
+
+
+def toy_text_encoder(seed: int) -> pathlib.Path:
+    """A toy T5 encoder folder of `configs/toy_text.py`'s sizes (random weights, sentencepiece on the toy
+    instructions)."""
+    m = configlib.load(TOY_TEXT_CONFIG).model
+    sizes = dict(d_model=m.d_model, d_kv=m.d_kv, num_heads=m.num_heads, d_ff=m.d_ff, num_layers=m.num_layers,
+                 vocab_size=m.vocab_size)
+    out = cache_dir() / f"toy_text-{_digest(dict(sizes, seed=seed))}"
+    with _locked(out):
+        if not (out / text.SPIECE_FILE).is_file():
+            print(f"[assets] building the toy text encoder (width {m.d_model}) in {out}", flush=True)
+        convert_t5.build_toy_text_encoder(out, toy_corpus(seed), seed=seed, **sizes)
+    return out
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of a training config with every empty asset path filled from `config.toy` (absolute paths)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    t = config.toy
+    size = schedules.pixel_size(schedules.scale_schedule(config.data.templates[0], config.data.pn), TOY_STRIDE)[0]
+    if not config.vae.path:
+        config.vae.path = str(toy_tokenizer(t.tokenizer_steps, t.seed))
+    if not config.text.path:
+        config.text.path = str(toy_text_encoder(t.seed))
+    if not config.data.paths:
+        config.data.paths = (str(toy_dataset(t.num_pairs, t.seed, size)),)
+        config.data.stride = TOY_STRIDE
+    if not config.eval_data.paths:
+        config.eval_data.paths = (str(toy_dataset(t.eval_pairs, t.eval_seed, size)),)
+    for d in (config.data, config.eval_data):
+        if not d.spiece_model:
+            d.spiece_model = str(pathlib.Path(config.text.path) / text.SPIECE_FILE)
+    return config

@@ -1,0 +1,99 @@
+"""Training metrics: JSONL + TensorBoard (tensorboardX) on process 0, a console progress bar, and MFU.
+
+`workdir/metrics.jsonl` gets one JSON object per logged step ({"step", "split": "train"|"val", ...}); TensorBoard
+scalars go to `workdir/tb/` as `<split>/<name>`. MFU = achieved FLOP/s per device (the compiled step's own FLOP
+count over the step time) / the device's peak: `PEAK_FLOPS` by device kind (bf16 dense), or, on a CPU, a measured fp32
+matmul rate.
+"""
+import json
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from tensorboardX import SummaryWriter
+
+# Dense bf16 peak FLOP/s per JAX device (one chip; v4 / v5p devices are megacore chips).
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5": 459e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
+
+
+def measured_matmul_flops(n: int = 1024, seconds: float = 0.3) -> float:
+    """fp32 FLOP/s of an n x n matmul on the default device (the practical peak used for MFU on CPUs)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        f(a).block_until_ready()
+        count += 1
+    return 2 * n ** 3 * count / (time.perf_counter() - t0)
+
+
+def peak_flops(device=None) -> float:
+    device = device or jax.devices()[0]
+    if device.platform == "cpu":
+        return measured_matmul_flops()
+    return PEAK_FLOPS.get(device.device_kind, float("nan"))
+
+
+def compiled_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled program per device (XLA's cost analysis), or None if unavailable."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost["flops"]) if cost and cost.get("flops", 0) > 0 else None
+    except Exception:  # noqa: BLE001 - some backends do not implement it
+        return None
+
+
+class Writer:
+    """Metric sinks of one run. Only process 0 writes; `write` takes host floats."""
+
+    def __init__(self, workdir: pathlib.Path, total_steps: int, first_step: int, *, enabled: bool = True):
+        self.enabled = enabled
+        self.workdir = workdir
+        if enabled:
+            self.jsonl = open(workdir / "metrics.jsonl", "a")
+            self.tb = SummaryWriter(str(workdir / "tb"))
+            self.bar = tqdm.tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True,
+                                 mininterval=2.0)
+
+    def write(self, step: int, split: str, values: dict) -> None:
+        if not self.enabled:
+            return
+        row = {"step": step, "split": split, **{k: _plain(v) for k, v in values.items()}}
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        for k, v in row.items():
+            if k not in ("step", "split") and isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{split}/{k}", v, step)
+        if split == "train":
+            self.bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}",
+                                 acc=f"{row.get('bit_accuracy', float('nan')):.3f}", refresh=False)
+        else:
+            self.bar.write(f"step {step} {split}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                                if isinstance(v, float)))
+
+    def advance(self, n: int = 1) -> None:
+        if self.enabled:
+            self.bar.update(n)
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.bar.close()
+            self.tb.close()
+            self.jsonl.close()
+
+
+def _plain(v):
+    if isinstance(v, (np.ndarray, jax.Array)):
+        v = np.asarray(v)
+        return v.tolist() if v.ndim else v.item()
+    return v

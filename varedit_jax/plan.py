@@ -1,0 +1,134 @@
+"""AOT fit planner: compiles the real train step for a TPU slice on this (CPU-only) host and reports its memory.
+
+  python -m varedit_jax.plan --config configs/varedit_2b_256.py --topology v5p-128 [--template 1.0] [--json OUT]
+      [--config.batch_size=...]  (any config override)
+
+The slice's devices come from libtpu's topology description (the `tpu` extra; no TPU needed); the mesh, logical
+rules, remat and batch are the config's, attention is the Pallas splash kernel. Reported per device: parameter,
+optimizer-state and frozen-model bytes (from the shardings), XLA's argument / output / temporary (activations and
+scratch) bytes, their peak total against the chip's HBM, the compiled FLOPs per step and an analytic estimate.
+"""
+import argparse
+import json
+import math
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from varedit_jax import configlib, schedules, topology, train
+
+
+def _bytes_per_device(abstract_tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings."""
+    total = 0
+    for a in jax.tree.leaves(abstract_tree):
+        shard = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
+        total += int(np.prod(shard, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+    return total
+
+
+def analytic_flops(config: ml_collections.ConfigDict, template: str) -> float:
+    """Matmul FLOPs of one train step (all devices): 3x the forward (+1 forward with full remat) of every block
+    (qkv, scores, attn.v, proj, cross-attention, FFN) and the head, at the conditioning's sequence length."""
+    m = config.model
+    layout = train._layout(config, template)
+    l, c, f, lt, ct = layout.length, m.embed_dim, m.mlp_dim, config.text.max_len, m.text_dim
+    block = (2 * l * c * 3 * c + 4 * l * l * c + 2 * l * c * c + 2 * l * c * c + 2 * lt * ct * 2 * c
+             + 4 * l * lt * c + 2 * l * c * c + 4 * l * c * f)
+    head = 2 * layout.n_target * c * 2 * m.bits
+    passes = 4 if m.remat == "full" else 3
+    return float(config.batch_size * (passes * m.depth * block + 3 * head))
+
+
+def plan(config: ml_collections.ConfigDict, slice_name: str, template: str = "1.0") -> dict:
+    """AOT-compiles the train step of `config` for slice `slice_name` and returns the report (see module doc)."""
+    spec = topology.slice_spec(slice_name)
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.attention_impl = "splash"
+    config.text.cache = False
+    mesh = train.make_mesh(config, topology.topology_devices(slice_name))
+    vae, encoder = train.abstract_frozen(config)
+    trainer = train.Trainer(config, mesh, vae, encoder)
+    state = trainer.abstract_state()
+    frozen = tuple(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nnx.state(m), sh)
+                   for m, sh in zip((vae, encoder), trainer.frozen_shardings))
+    batch = trainer.batch_spec(template)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = trainer.step_fn(template).lower(state, frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    args, out, temp = (int(getattr(mem, f"{k}_size_in_bytes", 0)) for k in ("argument", "output", "temp"))
+    alias = int(getattr(mem, "alias_size_in_bytes", 0))
+    peak = args + out - alias + temp
+    n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(state.params))
+    layout = train._layout(config, template)
+    return {
+        "config": {"kind": config.kind, "conditioning": config.conditioning, "pn": config.pn, "template": template,
+                   "batch_size": config.batch_size, "grad_accum": config.grad_accum, "remat": config.model.remat,
+                   "dtype": config.model.dtype, "mesh": dict(mesh.shape), "sequence_length": layout.length},
+        "topology": {"name": spec.name, "grid": list(spec.grid), "devices": spec.chips,
+                     "hbm_bytes_per_device": spec.hbm_bytes},
+        "parameters": n_params,
+        "bytes_per_device": {"params": _bytes_per_device(state.params),
+                             "optimizer": _bytes_per_device((state.opt_state, state.ema)),
+                             "frozen_models": _bytes_per_device(frozen), "batch": _bytes_per_device(batch),
+                             "xla_arguments": args, "xla_outputs": out, "xla_aliased": alias,
+                             "xla_temporaries": temp, "peak": peak},
+        "fits": peak <= spec.hbm_bytes,
+        "hbm_fraction": peak / spec.hbm_bytes,
+        "flops_per_step_per_device": {"compiled": float(cost.get("flops", float("nan"))) if cost else None,
+                                      "analytic": analytic_flops(config, template) / spec.chips},
+        "compile_s": round(compile_s, 1),
+    }
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2 ** 30:.2f} GiB"
+
+
+def summary(report: dict) -> str:
+    b = report["bytes_per_device"]
+    f = report["flops_per_step_per_device"]
+    lines = [f"{report['topology']['name']} ({report['topology']['devices']} devices, mesh {report['config']['mesh']}): "
+             f"{report['parameters'] / 1e6:,.1f}M parameters, batch {report['config']['batch_size']}, "
+             f"L = {report['config']['sequence_length']}",
+             f"  per device: params {_gib(b['params'])}, optimizer {_gib(b['optimizer'])}, frozen models "
+             f"{_gib(b['frozen_models'])}, temporaries {_gib(b['xla_temporaries'])}; peak {_gib(b['peak'])} of "
+             f"{_gib(report['topology']['hbm_bytes_per_device'])} -> {'FITS' if report['fits'] else 'DOES NOT FIT'}",
+             f"  FLOPs per step per device: compiled {f['compiled']:.3e}, analytic {f['analytic']:.3e}; "
+             f"compile {report['compile_s']} s"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m varedit_jax.plan", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="configs/*.py[:arg]")
+    parser.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-8, v5p-128, v5e-256")
+    parser.add_argument("--template", default="1.0", help="aspect template of the planned step")
+    parser.add_argument("--json", help="also write the report here")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        config = configlib.load(args.config)
+        config = configlib.override(config, configlib.parse_overrides(overrides))
+        schedules.scale_schedule(args.template, config.pn)
+        report = plan(config, args.topology, args.template)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
