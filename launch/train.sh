@@ -1,6 +1,37 @@
 #!/usr/bin/env bash
-# Placeholder until the trainer lands: sets up the environment.
+# Trains a VAREdit model: locally (CPU / one GPU host) or on every worker of a Cloud TPU VM slice or an xpk cluster.
+#
+#   bash launch/train.sh                                   # the tiny CPU default end to end (toy data, toy tokenizer,
+#                                                          # varedit_tiny SAR, checkpoints, sample edits, metrics)
+#   bash launch/train.sh --config configs/varedit_2b_256.py --workdir gs://bucket/runs/2b_256 \
+#       --tpu my-v5p-128 --zone us-east5-a --project my-proj -- --config.init_checkpoint=... --config.data.paths=...
+#   bash launch/train.sh --config ... --workdir ... --xpk my-cluster --tpu-type v5p-128 [--project P --zone Z]
+#   add --dry-run to print the commands instead of running them; flags after `--` go to varedit_jax.train.
+#
+# Local runs create/reuse .venv (launch/env.sh). TPU runs copy this checkout to every worker, install it there with
+# the `tpu` extra and start `python -m varedit_jax.train --distributed` on all workers at once (a re-run resumes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source launch/env.sh ""
-echo "varedit_jax installed in $VAREDIT_ROOT/.venv"
+ROOT="$(pwd)"
+source launch/common.sh
+parse_launch_flags "$@"
+CONFIG="${CONFIG:-configs/varedit_tiny.py}"
+WORKDIR="${WORKDIR:-runs/$(basename "${CONFIG%%:*}" .py)}"
+ENTRY=(python -m varedit_jax.train --config "$CONFIG" --workdir "$WORKDIR" "${EXTRA[@]}")
+
+if [ -n "$TPU$XPK" ]; then
+  run_remote "${ENTRY[@]}" --distributed --config.model.attention_impl=splash
+  exit 0
+fi
+
+if [ "$DRY_RUN" = 1 ]; then
+  echo "source launch/env.sh \"data\"; JAX_PLATFORMS=\${JAX_PLATFORMS:-cpu} ${ENTRY[*]}"
+  exit 0
+fi
+source launch/env.sh "data"
+start=$(date +%s)
+JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" "${ENTRY[@]}"
+echo
+echo "done in $(( $(date +%s) - start )) s. Outputs in $ROOT/$WORKDIR:"
+echo "  checkpoints/   (edit: python -m varedit_jax.edit --checkpoint $WORKDIR --image IN.png --instruction ... --out OUT.png)"
+echo "  metrics.jsonl, tb/ (tensorboard --logdir $WORKDIR/tb), samples/*.png (held-out edits), summary.json"

@@ -390,7 +390,7 @@ def _restore(mngr, step: int, abstract: TrainState, iterator) -> TrainState:
                       opt_state=r["opt_state"], ema=r["ema"], bad_steps=r["bad_steps"], skipped=r["skipped"])
 
 
-def initial_params(config, trainer: Trainer) -> dict:
+def initial_params(config) -> dict:
     """Random init (seed), or `init_checkpoint` with shape-mismatched / missing tensors left at init (logged)."""
     model = transformer.build(config.model, seed=config.seed)
     params = transformer.param_dict(model)
@@ -508,7 +508,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
         state = _restore(mngr, latest, trainer.abstract_state(), iterator)
         print(f"resumed {workdir} at step {latest}", flush=True)
     else:
-        state = trainer.init_state(initial_params(config, trainer))
+        state = trainer.init_state(initial_params(config))
     trainer.check_sharding(state)
     start = int(jax.device_get(state.step))
     n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(state.params))
@@ -517,7 +517,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
               f"{config.batch_size}, steps {start}..{config.total_steps}, workdir {workdir}", flush=True)
     writer = metrics.Writer(workdir, config.total_steps, start, enabled=lead)
     peak = metrics.peak_flops()
-    times, last, flops = [], {}, None
+    times, last, flops, compiled = [], {}, None, {}
     try:
         with _Preemption() as preempt:
             step = start
@@ -525,29 +525,19 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
                 template = data.template_for_step(config.seed, step, tuple(config.data.templates))
                 host, ids = _host_batch(next(iterator), text_cache)
                 batch = data.global_batch(host, trainer.batch_sharding)
-                fn = trainer.step_fn(template)
-                _profile(config, step, workdir)
-                t0 = time.perf_counter()
                 with jax.set_mesh(mesh):  # the mesh context the Pallas kernels need; the shardings are explicit
-                    if flops is None:
-                        flops = metrics.compiled_flops(fn.lower(state, frozen_states, batch).compile())
-                        t0 = time.perf_counter()
-                    state, out = fn(state, frozen_states, batch)
+                    if template not in compiled:
+                        compiled[template] = trainer.step_fn(template).lower(state, frozen_states, batch).compile()
+                        flops = flops or metrics.compiled_flops(compiled[template])
+                    _profile(config, step, workdir)
+                    t0 = time.perf_counter()
+                    state, out = compiled[template](state, frozen_states, batch)
                 out = jax.device_get(out)
                 dt = time.perf_counter() - t0
                 step += 1
                 if step > start + 1:
                     times.append(dt)
                 writer.advance()
-                if not out["finite"]:
-                    writer.log(f"step {step}: non-finite loss or gradients, step skipped "
-                               f"({int(out['skipped'])} so far)")
-                    if int(jax.device_get(state.bad_steps)) >= config.max_nonfinite_steps:
-                        _save(mngr, state, iterator, config, wait=True)
-                        raise FloatingPointError(
-                            f"{config.max_nonfinite_steps} non-finite steps in a row at step {step}: stopped "
-                            f"(checkpoint saved at step {step} with the last finite parameters; lower optim.lr or "
-                            f"check the data)")
                 layout_len = _layout(config, template).length
                 tokens = config.batch_size * layout_len
                 last = {k: float(v) for k, v in out.items() if k != "finite"}
@@ -557,7 +547,16 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
                     last["mfu"] = flops / dt / peak
                 if step % config.log_every == 0 or step == config.total_steps or not out["finite"]:
                     writer.write(step, "train", last)
-                if config.eval_every and step % config.eval_every == 0:
+                if not out["finite"]:
+                    writer.log(f"step {step}: non-finite loss or gradients, step skipped "
+                               f"({int(out['skipped'])} so far)")
+                    if int(jax.device_get(state.bad_steps)) >= config.max_nonfinite_steps:
+                        _save(mngr, state, iterator, config, wait=True)
+                        raise FloatingPointError(
+                            f"{config.max_nonfinite_steps} non-finite steps in a row at step {step}: stopped "
+                            f"(checkpoint saved at step {step} with the last finite parameters; lower optim.lr or "
+                            f"check the data)")
+                if config.eval_every > 0 and step % config.eval_every == 0:
                     writer.write(step, "val", evaluate(trainer, state.params, frozen_states, config, tok,
                                                        text_cache))
                 if config.sample_every > 0 and step % config.sample_every == 0:

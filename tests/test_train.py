@@ -1,0 +1,235 @@
+"""The trainer (varedit_jax/train.py) on a small VAREdit model and the toy assets (built once into a temporary cache):
+sharded vs single-device steps, non-finite steps, init from a checkpoint, resume after kill -9, SIGTERM, two
+processes with jax.distributed, the CLI."""
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+
+import numpy as np
+import pytest
+
+from helpers import REPO_ROOT
+from varedit_jax import assets, checkpoint, configlib, data, train, transformer
+
+SMALL = {"model.embed_dim": 64, "model.depth": 2, "model.num_heads": 2, "model.block_chunks": 1,
+         "toy.tokenizer_steps": 4, "toy.num_pairs": 48, "toy.eval_pairs": 8, "batch_size": 8, "log_every": 1,
+         "eval_batches": 1, "sample_every": -1, "eval_every": -1, "compilation_cache": False}
+
+
+def small_config(**extra):
+    config = configlib.load(REPO_ROOT / "configs/varedit_tiny.py")
+    return configlib.override(config, {**SMALL, **extra})
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private asset cache shared by this module's tests (and their subprocesses)."""
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("VAREDIT_CACHE")
+    os.environ["VAREDIT_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("VAREDIT_CACHE")
+    else:
+        os.environ["VAREDIT_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def parts(cache):
+    """(resolved config, vae, text encoder, text tokenizer, one host batch)."""
+    config = assets.resolve(small_config())
+    vae, encoder, text_tok = train._load_frozen(config)
+    config.data.stride = vae.stride
+    ds = data.make_dataset(config.data, seed=0, batch_size=config.batch_size,
+                           tokenizer=lambda t, n: text_tok(list(t), n))
+    host, _ = train._host_batch(next(iter(ds)), None)
+    return config, vae, encoder, text_tok, host
+
+
+def _run_step(config, mesh, vae, encoder, params, host, template="1.0"):
+    trainer = train.Trainer(config, mesh, vae, encoder)
+    state = trainer.init_state(params)
+    trainer.check_sharding(state)
+    frozen = trainer.place_frozen(vae, encoder)
+    batch = data.global_batch(host, trainer.batch_sharding)
+    with jax.set_mesh(mesh):
+        state, out = trainer.step_fn(template)(state, frozen, batch)
+    return trainer, state, jax.device_get(out)
+
+
+def test_sharded_step_equals_the_single_device_step(parts):
+    config, vae, encoder, _, host = parts
+    config.mesh.shape = (1, 1, 1)
+    params = transformer.param_dict(transformer.build(config.model, seed=0))
+    _, one, out1 = _run_step(config, train.make_mesh(config, jax.devices()[:1]), vae, encoder, params, host)
+    config.mesh.shape = (2, 2, 2)
+    mesh = train.make_mesh(config)
+    trainer, eight, out8 = _run_step(config, mesh, vae, encoder, params, host)
+    specs = [s.spec for s in jax.tree.leaves(trainer.param_shardings)]
+    assert any("fsdp" in str(s) for s in specs) and any("tensor" in str(s) for s in specs)
+    np.testing.assert_allclose(out8["loss"], out1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(out8["grad_norm"], out1["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(jax.device_get(eight.params)), jax.tree.leaves(jax.device_get(one.params))):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+    assert out1["finite"] and int(one.step) == 1
+
+
+def test_a_nonfinite_batch_is_skipped_and_counted(parts):
+    config, vae, encoder, _, host = parts
+    config.mesh.shape = (-1, 1, 1)
+    params = transformer.param_dict(transformer.build(config.model, seed=0))
+    bad = dict(host, source=np.full_like(host["source"], np.nan))
+    trainer, state, out = _run_step(config, train.make_mesh(config), vae, encoder, params, bad)
+    assert not out["finite"] and int(state.skipped) == 1 and int(state.bad_steps) == 1
+    for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    frozen = trainer.place_frozen(vae, encoder)
+    with jax.set_mesh(trainer.mesh):
+        state, out = trainer.step_fn("1.0")(state, frozen, data.global_batch(host, trainer.batch_sharding))
+    assert out["finite"] and int(state.skipped) == 1 and int(state.bad_steps) == 0 and int(state.step) == 2
+
+
+def test_too_many_nonfinite_steps_stop_the_run_after_saving(cache, tmp_path):
+    config = small_config(total_steps=10, max_nonfinite_steps=2, checkpoint_every=100)
+    config.optim.lr = float("inf")  # the first update makes every parameter non-finite
+    with pytest.raises(FloatingPointError, match="non-finite steps in a row"):
+        train.train(config, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows if r["split"] == "train"][-1] == 2
+    assert checkpoint.resolve(tmp_path)[1] == 3
+
+
+def test_init_checkpoint_keeps_matching_tensors_and_drops_the_others(parts, tmp_path, capsys):
+    config, *_ = parts
+    other = configlib.override(config, {"model.bits": 8})
+    source = transformer.param_dict(transformer.build(other.model, seed=5))
+    checkpoint.save_params(tmp_path / "init", source, other)
+    config = configlib.override(config, {"init_checkpoint": str(tmp_path / "init")})
+    params = train.initial_params(config)
+    np.testing.assert_array_equal(params["blocks"]["sa"]["mat_qkv"], source["blocks"]["sa"]["mat_qkv"])
+    assert params["word_embed"]["kernel"].shape == (16, 64)
+    assert "word_embed" in capsys.readouterr().out
+
+
+def _subprocess(args, env_extra=None, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "varedit_jax.train", "--config",
+                             str(REPO_ROOT / "configs/varedit_tiny.py"), *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _flags(**extra):
+    return [f"--config.{k}={v}" for k, v in {**SMALL, **extra}.items()]
+
+
+def _params(workdir, step=None):
+    path = pathlib.Path(workdir) / "checkpoints" / str(step) if step else workdir
+    return jax.tree.leaves(checkpoint.load_params(path)[1])
+
+
+def _digests(workdir) -> dict:
+    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["data_digest"] for r in rows if r["split"] == "train"}
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_equals_a_straight_run(cache, tmp_path):
+    flags = _flags(total_steps=6, checkpoint_every=2)
+    straight = _subprocess([f"--workdir={tmp_path / 'a'}", *flags])
+    assert straight.wait(600) == 0, straight.stdout.read()
+    killed = _subprocess([f"--workdir={tmp_path / 'b'}", *flags])
+    marker = tmp_path / "b" / "checkpoints" / "2" / "commit_success.txt"
+    deadline = time.time() + 600
+    while not marker.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(60)
+    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    first = _digests(tmp_path / "b")
+    resumed = _subprocess([f"--workdir={tmp_path / 'b'}", *flags])
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0 and "resumed" in out, out
+    for a, b in zip(_params(tmp_path / "a"), _params(tmp_path / "b")):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    straight_digests, resumed_digests = _digests(tmp_path / "a"), _digests(tmp_path / "b")
+    assert first and all(straight_digests[s] == d for s, d in resumed_digests.items())
+    assert sorted(resumed_digests) == list(range(1, 7))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_returns(cache, tmp_path):
+    proc = _subprocess([f"--workdir={tmp_path}", *_flags(total_steps=500, checkpoint_every=1000)])
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 600
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0 and "preempted" in out, out
+    step = checkpoint.resolve(tmp_path)[1]
+    assert 2 <= step < 500 and max(_digests(tmp_path)) == step
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_with_jax_distributed_agree_with_one(cache, tmp_path):
+    flags = _flags(total_steps=2, checkpoint_every=2, **{"text.drop_rate": 0.0, "bsc.noise_apply_layers": 0})
+    single = _subprocess([f"--workdir={tmp_path / 'one'}", *flags])
+    assert single.wait(600) == 0, single.stdout.read()
+    port = _free_port()
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [_subprocess([f"--workdir={tmp_path / 'two'}", *flags, f"--coordinator=127.0.0.1:{port}",
+                          "--num_processes=2", f"--process_id={i}"], env) for i in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    rows = {}
+    for name in ("one", "two"):
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        rows[name] = [json.loads(line) for line in lines if '"train"' in line]
+    assert len(rows["two"]) == 2  # only process 0 writes metrics
+    np.testing.assert_allclose(rows["two"][0]["loss"], rows["one"][0]["loss"], rtol=1e-5)
+    np.testing.assert_allclose(rows["two"][1]["loss"], rows["one"][1]["loss"], rtol=1e-3)
+
+
+def test_cli_errors_exit_2(cache, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "varedit_jax.train", f"--workdir={tmp_path}"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert proc.returncode == 2 and "--config" in proc.stderr
+    proc = _subprocess([f"--workdir={tmp_path}", "--config.conditioning=everything"])
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 2 and "conditioning" in out
+
+
+def test_validate_refuses_inconsistent_configs():
+    config = small_config()
+    for field, value in (("batch_size", 6), ("conditioning", "none"), ("checkpoint_every", 0)):
+        bad = configlib.override(config, {field: value, "grad_accum": 4} if field == "batch_size" else {field: value})
+        with pytest.raises(ValueError):
+            train.validate(bad)
+
+
+def test_grad_accumulation_matches_the_full_batch(parts):
+    config, vae, encoder, _, host = parts
+    config = configlib.override(config, {"text.drop_rate": 0.0, "bsc.noise_apply_layers": 0})
+    config.mesh.shape = (-1, 1, 1)
+    params = transformer.param_dict(transformer.build(config.model, seed=0))
+    mesh = train.make_mesh(config)
+    _, full, out = _run_step(config, mesh, vae, encoder, params, host)
+    _, accum, out2 = _run_step(configlib.override(config, {"grad_accum": 2}), mesh, vae, encoder, params, host)
+    np.testing.assert_allclose(out2["loss"], out["loss"], rtol=1e-5)
+    np.testing.assert_allclose(out2["grad_norm"], out["grad_norm"], rtol=1e-4)
+    for a, b in zip(jax.tree.leaves(jax.device_get(accum.params)), jax.tree.leaves(jax.device_get(full.params))):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+
