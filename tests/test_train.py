@@ -96,6 +96,7 @@ def test_a_nonfinite_batch_is_skipped_and_counted(parts):
     assert out["finite"] and int(state.skipped) == 1 and int(state.bad_steps) == 0 and int(state.step) == 2
 
 
+@pytest.mark.slow
 def test_too_many_nonfinite_steps_stop_the_run_after_saving(cache, tmp_path):
     config = small_config(total_steps=10, max_nonfinite_steps=2, checkpoint_every=100)
     config.optim.lr = float("inf")  # the first update makes every parameter non-finite
@@ -220,6 +221,7 @@ def test_validate_refuses_inconsistent_configs():
             train.validate(bad)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_matches_the_full_batch(parts):
     config, vae, encoder, _, host = parts
     config = configlib.override(config, {"text.drop_rate": 0.0, "bsc.noise_apply_layers": 0})

@@ -8,7 +8,8 @@ half-way is resumed or redone (each builder is itself resumable / atomic).
 
 `resolve(config)` fills the empty paths of a training config (`vae.path`, `text.path`, `data.paths`,
 `data.spiece_model`, `eval_data.paths`) from `config.toy` and returns a copy; configs that name real assets pass
-through unchanged.
+through unchanged. A multi-process run builds them first in a single-process child (`build_in_child`), before
+joining `jax.distributed`: the builders' JAX work and checkpoint barriers must not involve the other processes.
 """
 import contextlib
 import fcntl
@@ -16,6 +17,8 @@ import hashlib
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import ml_collections
 
@@ -98,7 +101,7 @@ def toy_text_encoder(seed: int) -> pathlib.Path:
     with _locked(out):
         if not (out / text.SPIECE_FILE).is_file():
             print(f"[assets] building the toy text encoder (width {m.d_model}) in {out}", flush=True)
-        convert_t5.build_toy_text_encoder(out, toy_corpus(seed), seed=seed, **sizes)
+            convert_t5.build_toy_text_encoder(out, toy_corpus(seed), seed=seed, **sizes)
     return out
 
 
@@ -120,3 +123,17 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         if not d.spiece_model:
             d.spiece_model = str(pathlib.Path(config.text.path) / text.SPIECE_FILE)
     return config
+
+
+def build_in_child(config: ml_collections.ConfigDict) -> None:
+    """Builds (or finds) the toy assets `resolve` would fill in, in a child interpreter (`python -m
+    varedit_jax.assets`, config JSON on stdin); a no-op for configs that name every asset."""
+    if all((config.vae.path, config.text.path, config.data.paths, config.eval_data.paths)):
+        return
+    proc = subprocess.run([sys.executable, "-m", "varedit_jax.assets"], input=config.to_json(), text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the toy assets failed (exit code {proc.returncode}; see above)")
+
+
+if __name__ == "__main__":
+    resolve(ml_collections.ConfigDict(json.loads(sys.stdin.read())))

@@ -11,6 +11,7 @@ import json
 import pathlib
 from typing import Any
 
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -58,9 +59,14 @@ def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
 
 def load_params(path: str | pathlib.Path, abstract_params: Any = None) -> tuple[ml_collections.ConfigDict, Any]:
     """(config, params) of a checkpoint. `abstract_params` (a tree of jax.ShapeDtypeStruct, optionally with
-    shardings) restores directly into that structure/placement; without it arrays come back as stored."""
+    shardings) restores directly into that structure/placement; without it the stored arrays come back on this
+    process's first device (whatever topology saved them, so any process of a multi-process run can load them)."""
     root, step = resolve(path)
-    restore = ocp.args.StandardRestore(abstract_params) if abstract_params is not None else ocp.args.StandardRestore()
+    if abstract_params is None:
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        stored = ocp.StandardCheckpointHandler().metadata(root / str(step) / PARAMS)
+        abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), stored)
+    restore = ocp.args.StandardRestore(abstract_params)
     with ocp.CheckpointManager(root, item_names=(PARAMS, CONFIG)) as mngr:
         out = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: restore, CONFIG: ocp.args.JsonRestore()}))
     return ml_collections.ConfigDict(out[CONFIG]), out[PARAMS]

@@ -1,9 +1,11 @@
 """Training metrics: JSONL + TensorBoard (tensorboardX) on process 0, a console progress bar, and MFU.
 
 `workdir/metrics.jsonl` gets one JSON object per logged step ({"step", "split": "train"|"val", ...}); TensorBoard
-scalars go to `workdir/tb/` as `<split>/<name>`. MFU = achieved FLOP/s per device (the compiled step's own FLOP
-count over the step time) / the device's peak: `PEAK_FLOPS` by device kind (bf16 dense), or, on a CPU, a measured fp32
-matmul rate.
+scalars go to `workdir/tb/` as `<split>/<name>`. MFU = model FLOP/s per device (`transformer_flops`: forward +
+backward = 3 forwards of the transformer's matmuls, dense attention, remat recomputation and the frozen encoders not
+counted, as MaxText / PaLM define it) / the device's peak: `PEAK_FLOPS` by device kind (bf16 dense), or, on a CPU, a
+measured fp32 matmul rate. XLA's own count of a compiled program (`compiled_flops`, reported by the planner and the
+benchmark) is not used for MFU: it counts a loop body once (scanned layers) and Pallas kernels (splash) as zero.
 """
 import json
 import pathlib
@@ -37,6 +39,17 @@ def peak_flops(device=None) -> float:
     if device.platform == "cpu":
         return measured_matmul_flops()
     return PEAK_FLOPS.get(device.device_kind, float("nan"))
+
+
+def transformer_flops(model_cfg, layout, text_len: int) -> float:
+    """Matmul FLOPs of one forward of one sample: every block (qkv, attention scores and attention x values over the
+    whole sequence, output projection, cross-attention q / kv / scores / values / projection, FFN) and the head."""
+    l, c, f, ct = layout.length, model_cfg.embed_dim, model_cfg.mlp_dim, model_cfg.text_dim
+    self_attention = 2 * l * c * 3 * c + 4 * l * l * c + 2 * l * c * c
+    cross_attention = 2 * l * c * c + 2 * text_len * ct * 2 * c + 4 * l * text_len * c + 2 * l * c * c
+    ffn = 4 * l * c * f
+    head = 2 * layout.n_target * c * 2 * model_cfg.bits
+    return float(model_cfg.depth * (self_attention + cross_attention + ffn) + head)
 
 
 def compiled_flops(compiled) -> float | None:

@@ -7,6 +7,9 @@ The slice's devices come from libtpu's topology description (the `tpu` extra; no
 rules, remat and batch are the config's, attention is the Pallas splash kernel. Reported per device: parameter,
 optimizer-state and frozen-model bytes (from the shardings), XLA's argument / output / temporary (activations and
 scratch) bytes, their peak total against the chip's HBM, the compiled FLOPs per step and an analytic estimate.
+The compiled count is XLA's cost analysis: it counts the body of a loop once (the scanned block stack, the scanned
+T5) and Pallas kernels (splash attention) as zero, so it is far below the real work; the analytic estimate
+(`analytic_flops`: the transformer's matmuls, dense attention, remat recomputation included) is what MFU uses.
 """
 import argparse
 import json
@@ -19,7 +22,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from varedit_jax import configlib, schedules, topology, train
+from varedit_jax import configlib, metrics, schedules, topology, train
 
 
 def _bytes_per_device(abstract_tree) -> int:
@@ -31,17 +34,14 @@ def _bytes_per_device(abstract_tree) -> int:
     return total
 
 
-def analytic_flops(config: ml_collections.ConfigDict, template: str) -> float:
-    """Matmul FLOPs of one train step (all devices): 3x the forward (+1 forward with full remat) of every block
-    (qkv, scores, attn.v, proj, cross-attention, FFN) and the head, at the conditioning's sequence length."""
-    m = config.model
-    layout = train._layout(config, template)
-    l, c, f, lt, ct = layout.length, m.embed_dim, m.mlp_dim, config.text.max_len, m.text_dim
-    block = (2 * l * c * 3 * c + 4 * l * l * c + 2 * l * c * c + 2 * l * c * c + 2 * lt * ct * 2 * c
-             + 4 * l * lt * c + 2 * l * c * c + 4 * l * c * f)
-    head = 2 * layout.n_target * c * 2 * m.bits
-    passes = 4 if m.remat == "full" else 3
-    return float(config.batch_size * (passes * m.depth * block + 3 * head))
+def analytic_flops(config: ml_collections.ConfigDict, template: str, passes: int | None = None) -> float:
+    """Matmul FLOPs of one train step (all devices, batch_size samples): `passes` forwards (default 3 = forward +
+    backward, 4 with full remat) of `metrics.transformer_flops` at the conditioning's sequence length. passes=1
+    gives a forward (an edit: batch 2 with CFG)."""
+    if passes is None:
+        passes = 4 if config.model.remat == "full" else 3
+    return config.batch_size * passes * metrics.transformer_flops(config.model, train._layout(config, template),
+                                                                  config.text.max_len)
 
 
 def plan(config: ml_collections.ConfigDict, slice_name: str, template: str = "1.0") -> dict:

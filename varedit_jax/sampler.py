@@ -242,7 +242,7 @@ def inference_mesh(devices: Sequence | None = None, *, tensor: int = 1, fsdp: in
 
 def shard_batch(tree, mesh: jax.sharding.Mesh):
     """Places every array of `tree` with its leading (batch) axis split over the data-parallel mesh axes."""
-    return jax.tree.map(lambda a: jax.device_put(a, sharding.batch_sharding(mesh, np.ndim(a), np.shape(a)[0])), tree)
+    return sharding.place(tree, jax.tree.map(lambda a: sharding.batch_sharding(mesh, np.ndim(a), np.shape(a)[0]), tree))
 
 
 def _constrain_state(state: transformer.DecodeState, mesh: jax.sharding.Mesh | None) -> transformer.DecodeState:
@@ -321,7 +321,7 @@ class Sampler:
         self.mesh = mesh if mesh is not None else inference_mesh()
         self.cfg = model.cfg
         self.graphdef, state = nnx.split(model)
-        self.state = jax.device_put(state, sharding.param_shardings(state, self.mesh))
+        self.state = sharding.place(state, sharding.param_shardings(state, self.mesh))
 
     @property
     def data_size(self) -> int:
@@ -352,6 +352,8 @@ class Sampler:
         with jax.set_mesh(self.mesh):
             out = _sample_jit(self.graphdef, self.state, layout, texts_p, source_p, seed_array(seed), index_p,
                               params, forced_p, force_p, with_logits=with_logits, mesh=self.mesh)
+        if jax.process_count() > 1:  # global arrays are not sliceable by one process
+            out = sharding.fetch(out)
         return SampleOutput(*(None if x is None else x[:b] for x in out))
 
     def lower(self, layout: conditioning.SequenceLayout, batch: int, text_len: int, *,
@@ -386,11 +388,12 @@ def sample(model: transformer.Infinity, layout: conditioning.SequenceLayout, tex
 
 
 def compile_for_topology(config: ml_collections.ConfigDict, slice_name: str, *, batch: int,
-                         resolution: int | None = None, template: str = "1.0", text_len: int = 64, data: int = -1,
+                         resolution: int | None = None, template: str = "1.0", text_len: int | None = None, data: int = -1,
                          tensor: int = 1, attention_impl: str | None = None) -> tuple[jax.stages.Compiled, float]:
     """AOT-compiles the sampler of a transformer config for a TPU slice (e.g. "v5p-8") on any host (libtpu, no
     TPU): abstract parameters placed by their logical names on a ("data", "fsdp", "tensor") mesh of the slice.
-    Returns (compiled, seconds); `compiled.memory_analysis()` gives per-device memory."""
+    `text_len` defaults to the model's `text_max_len`. Returns (compiled, seconds); `compiled.memory_analysis()`
+    gives per-device memory."""
     model_cfg = transformer.default_model_config(**dict(config.model.items()))
     if attention_impl is not None:
         model_cfg.attention_impl = attention_impl
@@ -404,7 +407,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, slice_name: str, *, 
     layout = conditioning.sequence_layout(config.get("conditioning", "sar"),
                                           schedules.scale_schedule(template, _pn(config, resolution)), template)
     t0 = time.perf_counter()
-    compiled = sampler.lower(layout, batch, text_len).compile()
+    compiled = sampler.lower(layout, batch, text_len or model_cfg.text_max_len).compile()
     return compiled, time.perf_counter() - t0
 
 
@@ -486,10 +489,10 @@ class Editor:
         self.sampler = Sampler(transformer.build(model_cfg, params), mesh)
         self.mesh = mesh
         self.vae_graphdef, vae_state = nnx.split(tokenizer)
-        self.vae_state = jax.device_put(vae_state, sharding.param_shardings(vae_state, mesh))
+        self.vae_state = sharding.place(vae_state, sharding.param_shardings(vae_state, mesh))
         self.stride = tokenizer.stride
         self.text_graphdef, text_state = nnx.split(text_encoder)
-        self.text_state = jax.device_put(text_state, sharding.param_shardings(text_state, mesh))
+        self.text_state = sharding.place(text_state, sharding.param_shardings(text_state, mesh))
         self.text_tokenizer = text_tokenizer
         dp = self.sampler.data_size
         self.batch_size = -(-(batch_size or dp) // dp) * dp
@@ -600,7 +603,7 @@ class Editor:
                                          mesh=self.mesh)
             outs.append((current, out.finite))
         fetched = []
-        for t, (images_t, finite) in enumerate(jax.device_get(outs)):
+        for t, (images_t, finite) in enumerate(sharding.fetch(outs)):
             bad = [int(indices[j]) for j in np.flatnonzero(~np.asarray(finite)[:b])]
             if bad:
                 raise FloatingPointError(f"non-finite logits at turn {t} for samples {bad} (corrupt weights or "

@@ -21,7 +21,9 @@ Activations: batch -> (data, fsdp); length, act_embed -> replicated.
 import math
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -95,3 +97,20 @@ def param_shardings(state, mesh: jax.sharding.Mesh, rules=None):
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, size: int, rules=None) -> NamedSharding:
     """Sharding of a batch-leading array: dim 0 over the batch axes, the rest replicated."""
     return NamedSharding(mesh, P(batch_axes(mesh, size, rules), *([None] * (ndim - 1))))
+
+
+# ------------------------------------------------------------------------------------------------ host <-> global
+# Under jax.distributed every process runs the same program; a global array is only partly addressable from each.
+def place(tree, shardings):
+    """Host values or process-local arrays, identical on every process -> global arrays with `shardings`. Goes through
+    host memory: each process fills its own shards (no cross-host device transfer, which CPU backends lack)."""
+    host = jax.device_get(tree)
+    return jax.tree.map(lambda a, s: jax.make_array_from_callback(np.shape(a), s, lambda idx: np.asarray(a)[idx]),
+                        host, shardings)
+
+
+def fetch(tree):
+    """Global arrays -> full numpy arrays on every process (an all-gather across processes when there are several)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -295,7 +295,7 @@ class Trainer:
 
     def init_state(self, params) -> TrainState:
         """A fresh TrainState from a param dict (sharded as the rules say)."""
-        params = jax.device_put(params, self.param_shardings)
+        params = sharding.place(params, self.param_shardings)
         return jax.jit(self.init_state_fn, out_shardings=self.state_shardings)(params)
 
     def check_sharding(self, state: TrainState) -> None:
@@ -308,8 +308,8 @@ class Trainer:
             raise RuntimeError(f"parameters not sharded as the rules say: {bad[:5]}")
 
     def place_frozen(self, vae, encoder):
-        return (jax.device_put(nnx.state(vae), self.frozen_shardings[0]),
-                jax.device_put(nnx.state(encoder), self.frozen_shardings[1]))
+        return (sharding.place(nnx.state(vae), self.frozen_shardings[0]),
+                sharding.place(nnx.state(encoder), self.frozen_shardings[1]))
 
     @property
     def batch_sharding(self) -> NamedSharding:
@@ -386,7 +386,7 @@ def _restore(mngr, step: int, abstract: TrainState, iterator) -> TrainState:
         params=ocp.args.StandardRestore(abstract.params), train_state=ocp.args.StandardRestore(rest),
         data=grain.checkpoint.CheckpointRestore(iterator)))
     r = out["train_state"]
-    return TrainState(step=jax.device_put(jnp.int32(step), abstract.step.sharding), params=out["params"],
+    return TrainState(step=sharding.place(np.int32(step), abstract.step.sharding), params=out["params"],
                       opt_state=r["opt_state"], ema=r["ema"], bad_steps=r["bad_steps"], skipped=r["skipped"])
 
 
@@ -489,7 +489,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     workdir = pathlib.Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     validate(config)
-    config = assets.resolve(config)
+    config = assets.resolve(config)  # under jax.distributed, `main` has built them already (assets.build_in_child)
     if config.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "xla"))
     lead = jax.process_index() == 0
@@ -517,7 +517,7 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
               f"{config.batch_size}, steps {start}..{config.total_steps}, workdir {workdir}", flush=True)
     writer = metrics.Writer(workdir, config.total_steps, start, enabled=lead)
     peak = metrics.peak_flops()
-    times, last, flops, compiled = [], {}, None, {}
+    times, rates, mfus, last, compiled = [], [], [], {}, {}
     try:
         with _Preemption() as preempt:
             step = start
@@ -527,24 +527,28 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
                 batch = data.global_batch(host, trainer.batch_sharding)
                 with jax.set_mesh(mesh):  # the mesh context the Pallas kernels need; the shardings are explicit
                     if template not in compiled:
+                        t0 = time.perf_counter()
                         compiled[template] = trainer.step_fn(template).lower(state, frozen_states, batch).compile()
-                        flops = flops or metrics.compiled_flops(compiled[template])
+                        writer.log(f"compiled the step of template {template} in {time.perf_counter() - t0:.1f} s")
                     _profile(config, step, workdir)
                     t0 = time.perf_counter()
                     state, out = compiled[template](state, frozen_states, batch)
                 out = jax.device_get(out)
                 dt = time.perf_counter() - t0
                 step += 1
-                if step > start + 1:
-                    times.append(dt)
                 writer.advance()
-                layout_len = _layout(config, template).length
-                tokens = config.batch_size * layout_len
+                layout = _layout(config, template)
                 last = {k: float(v) for k, v in out.items() if k != "finite"}
-                last.update(step_time_s=dt, tokens_per_s_per_device=tokens / dt / jax.device_count(),
-                            data_digest=_digest(ids))
-                if flops and peak == peak:
-                    last["mfu"] = flops / dt / peak
+                last.update(step_time_s=dt, data_digest=_digest(ids),
+                            tokens_per_s_per_device=config.batch_size * layout.length / dt / jax.device_count())
+                if peak == peak:  # model FLOPs: forward + backward of every sample, per device
+                    last["mfu"] = (config.batch_size * 3 * metrics.transformer_flops(config.model, layout,
+                                                                                     config.text.max_len)
+                                   / jax.device_count() / dt / peak)
+                if step > start + 1:  # the first step of a call waits for its compile's aftermath
+                    times.append(dt)
+                    rates.append(last["tokens_per_s_per_device"])
+                    mfus.append(last.get("mfu"))
                 if step % config.log_every == 0 or step == config.total_steps or not out["finite"]:
                     writer.write(step, "train", last)
                 if not out["finite"]:
@@ -569,10 +573,10 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
                     writer.log(f"preempted: checkpoint saved at step {step}; re-run the same command to resume")
                     break
             mngr.wait_until_finished()
-            if step >= config.total_steps and not preempt.requested:
+            if step >= config.total_steps > start and not preempt.requested:
                 if config.eval_every >= 0:
                     writer.write(step, "val", evaluate(trainer, state.params, frozen_states, config, tok, text_cache))
-                if config.sample_every >= 0 and lead and step > start:
+                if config.sample_every >= 0:
                     path = sample_grid(config, state.params, vae, encoder, text_tok,
                                        workdir / "samples" / f"step_{step}.png")
                     writer.log(f"sample edits: {path}")
@@ -582,12 +586,14 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
         mngr.close()
     summary = {"step": step, "final_loss": last.get("loss"), "skipped": int(jax.device_get(state.skipped)),
                "step_time_s": statistics.median(times) if times else None, "workdir": str(workdir),
-               "tokens_per_s_per_device": (config.batch_size * _layout(config, config.data.templates[0]).length
-                                           / statistics.median(times) / jax.device_count()) if times else None,
-               "mfu": (flops / statistics.median(times) / peak) if times and flops and peak == peak else None,
+               "tokens_per_s_per_device": statistics.median(rates) if rates else None,
+               "mfu": statistics.median(mfus) if mfus and peak == peak else None,
                "checkpoint": str(workdir / "checkpoints" / str(step))}
+    stored = workdir / "summary.json"
+    if not times and stored.is_file():  # nothing trained in this call: the run's own summary stands
+        return json.loads(stored.read_text())
     if lead:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        stored.write_text(json.dumps(summary, indent=1) + "\n")
         print(json.dumps(summary), flush=True)
     return summary
 
@@ -619,16 +625,34 @@ def evaluate(trainer: Trainer, params, frozen_states, config, tok, text_cache) -
 
 def sample_grid(config, params, vae, encoder, text_tok, path: pathlib.Path) -> pathlib.Path:
     """Edits the first `sample_count` held-out pairs with the current params; writes source | instruction | output |
-    target rows to `path`."""
-    editor = sampler.Editor(config, jax.device_get(params), vae, encoder, text_tok)
+    target rows to `path`. Collective: every process edits (the sampler spans all devices), process 0 writes."""
+    editor = sampler.Editor(config, sharding.fetch(params), vae, encoder, text_tok)
     pairs = list(itertools.islice(records.iter_records(config.eval_data.paths), config.sample_count))
     sources = [images.decode(p["source"]) for p in pairs]
     outputs = editor.edit(sources, [p["instruction"] for p in pairs], preprocess="train")
+    if jax.process_index() != 0:
+        return path
     return report.save_grid(path, sources, [p["instruction"] for p in pairs], outputs,
                             targets=[images.decode(p["target"]) for p in pairs])
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def init_distributed(config: ml_collections.ConfigDict, auto: bool = False, coordinator: str | None = None,
+                     num_processes: int | None = None, process_id: int | None = None) -> None:
+    """Joins a multi-process run: `auto` (TPU pods, clusters: jax.distributed finds its peers) or an explicit
+    `coordinator` HOST:PORT with `num_processes` / `process_id`; nothing otherwise. The toy assets the config needs are
+    built first, in a single-process child (`assets.build_in_child`)."""
+    if not (auto or coordinator):
+        return
+    if coordinator and (num_processes is None or process_id is None):
+        raise ValueError("--coordinator needs --num_processes and --process_id")
+    assets.build_in_child(config)
+    if coordinator:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+    else:
+        jax.distributed.initialize()
+
+
 def main(argv, config: ml_collections.ConfigDict | None, workdir: str | None) -> int:
     logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
@@ -637,11 +661,8 @@ def main(argv, config: ml_collections.ConfigDict | None, workdir: str | None) ->
     if config is None or not workdir:
         print("error: --config and --workdir are required", file=sys.stderr)
         return 2
-    if _COORDINATOR.value:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    elif _DISTRIBUTED.value:
-        jax.distributed.initialize()
     try:
+        init_distributed(config, _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         train(config, workdir)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
