@@ -186,7 +186,8 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_with_jax_distributed_agree_with_one(cache, tmp_path):
-    flags = _flags(total_steps=2, checkpoint_every=2, **{"text.drop_rate": 0.0, "bsc.noise_apply_layers": 0})
+    flags = _flags(total_steps=2, checkpoint_every=2, sample_every=0, sample_count=2,
+                   **{"text.drop_rate": 0.0, "bsc.noise_apply_layers": 0})
     single = _subprocess([f"--workdir={tmp_path / 'one'}", *flags])
     assert single.wait(600) == 0, single.stdout.read()
     port = _free_port()
@@ -200,6 +201,7 @@ def test_two_processes_with_jax_distributed_agree_with_one(cache, tmp_path):
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         rows[name] = [json.loads(line) for line in lines if '"train"' in line]
     assert len(rows["two"]) == 2  # only process 0 writes metrics
+    assert (tmp_path / "two" / "samples" / "step_2.png").is_file()  # the sampler over both processes' devices
     np.testing.assert_allclose(rows["two"][0]["loss"], rows["one"][0]["loss"], rtol=1e-5)
     np.testing.assert_allclose(rows["two"][1]["loss"], rows["one"][1]["loss"], rtol=1e-3)
 
