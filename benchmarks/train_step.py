@@ -8,7 +8,8 @@ Sections (`--sections`, comma-separated):
            blocks, the d32 tokenizer at 256 px inside the step, cached flan-T5-XL-width text features (64 tokens),
            batch `--slice_batch`, fp32 compute (bf16 is emulated on CPUs).
   plan     `python -m varedit_jax.plan` for 2B@256 (configs/varedit_2b_256.py, batch 1536) on v5p-128 and 8B@512
-           (configs/varedit_8b_512.py, batch 1536) on v5p-256, each in its own process (needs libtpu).
+           (configs/varedit_8b_512.py, batch 1536) on v5p-256, as configured and with 12 gradient-accumulation
+           micro-steps, each in its own process (needs libtpu).
 Step rows: compile seconds, median step seconds over `--steps` steps after one warm-up step, tokens/s/device
 (sequence tokens incl. source rows) and MFU = model FLOPs (forward + backward of the transformer,
 `metrics.transformer_flops`) / step time / device peak (on a CPU a measured fp32 1024^2 matmul rate, also recorded).
@@ -39,7 +40,9 @@ import common  # noqa: E402
 from varedit_jax import configlib, metrics, text, tokenizer, train, transformer  # noqa: E402
 
 TEMPLATE = "1.0"
-PLANS = (("2b_256", "configs/varedit_2b_256.py", "v5p-128"), ("8b_512", "configs/varedit_8b_512.py", "v5p-256"))
+PLANS = (("2b_256", "configs/varedit_2b_256.py", "v5p-128", []),
+         ("8b_512", "configs/varedit_8b_512.py", "v5p-256", []),
+         ("8b_512 grad_accum 12", "configs/varedit_8b_512.py", "v5p-256", ["--config.grad_accum=12"]))
 
 
 def random_batch(trainer: train.Trainer, vocab: int) -> dict:
@@ -116,12 +119,12 @@ def section_slice2b(steps: int, peak: float, depth: int, batch: int) -> list[dic
 
 def section_plan(timeout_s: int) -> list[dict]:
     rows = []
-    for name, config, topology in PLANS:
+    for name, config, topology, overrides in PLANS:
         with tempfile.TemporaryDirectory() as tmp:
             out = pathlib.Path(tmp) / "plan.json"
             t0 = time.perf_counter()
             proc = subprocess.run([sys.executable, "-m", "varedit_jax.plan", "--config", config, "--topology",
-                                   topology, "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                                   topology, "--json", str(out), *overrides], cwd=REPO, capture_output=True, text=True,
                                   timeout=timeout_s, env=dict(os.environ, JAX_PLATFORMS="cpu"))
             wall = time.perf_counter() - t0
             if proc.returncode != 0:
@@ -132,8 +135,8 @@ def section_plan(timeout_s: int) -> list[dict]:
                 row = {"name": name, "topology": topology, "wall_s": round(wall, 1), "compile_s": report["compile_s"],
                        "mesh": report["config"]["mesh"], "batch": report["config"]["batch_size"],
                        "parameters": report["parameters"], "fits": report["fits"],
-                       "gib_per_device": {k: round(v / 2 ** 30, 3) for k, v in b.items()},
-                       "hbm_fraction": round(report["hbm_fraction"], 4),
+                       "gib_per_device": {k: round(v / 2 ** 30, 3) for k, v in b.items() if v is not None},
+                       "hbm_fraction": report["hbm_fraction"], "compile_error": report.get("compile_error"),
                        "flops_per_step_per_device": report["flops_per_step_per_device"]}
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -53,3 +53,11 @@ def test_cli_reports_and_refuses_bad_input(tmp_path):
                           "--topology", "v5p-8", "--template", "7.5"], cwd=REPO_ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "error" in bad.stderr
+
+
+def test_a_step_that_cannot_fit_is_reported_not_raised():
+    pytest.importorskip("libtpu", reason="TPU topologies need libtpu (the tpu extra)")
+    report = plan.plan(configlib.load(REPO_ROOT / "configs/varedit_8b_512.py"), "v5p-8")  # 8B, batch 1536, 4 chips
+    assert report["fits"] is False and "RESOURCE_EXHAUSTED" in report["compile_error"]
+    assert report["bytes_per_device"]["xla_temporaries"] > report["topology"]["hbm_bytes_per_device"]
+    assert "DOES NOT FIT" in plan.summary(report)

@@ -6,14 +6,16 @@
 The slice's devices come from libtpu's topology description (the `tpu` extra; no TPU needed); the mesh, logical
 rules, remat and batch are the config's, attention is the Pallas splash kernel. Reported per device: parameter,
 optimizer-state and frozen-model bytes (from the shardings), XLA's argument / output / temporary (activations and
-scratch) bytes, their peak total against the chip's HBM, the compiled FLOPs per step and an analytic estimate.
-The compiled count is XLA's cost analysis: it counts the body of a loop once (the scanned block stack, the scanned
+scratch) bytes, their peak total against the chip's HBM, the compiled FLOPs per step and an analytic estimate. A
+step XLA refuses to compile for lack of HBM is reported as not fitting, with the temporaries it asked for (raise
+`grad_accum` or use a bigger slice). The compiled count is XLA's cost analysis: it counts the body of a loop once (the scanned block stack, the scanned
 T5) and Pallas kernels (splash attention) as zero, so it is far below the real work; the analytic estimate
 (`analytic_flops`: the transformer's matmuls, dense attention, remat recomputation included) is what MFU uses.
 """
 import argparse
 import json
 import math
+import re
 import sys
 import time
 
@@ -57,19 +59,9 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, template: str = "1.
     frozen = tuple(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nnx.state(m), sh)
                    for m, sh in zip((vae, encoder), trainer.frozen_shardings))
     batch = trainer.batch_spec(template)
-    t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = trainer.step_fn(template).lower(state, frozen, batch).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    args, out, temp = (int(getattr(mem, f"{k}_size_in_bytes", 0)) for k in ("argument", "output", "temp"))
-    alias = int(getattr(mem, "alias_size_in_bytes", 0))
-    peak = args + out - alias + temp
     n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(state.params))
     layout = train._layout(config, template)
-    return {
+    report = {
         "config": {"kind": config.kind, "conditioning": config.conditioning, "pn": config.pn, "template": template,
                    "batch_size": config.batch_size, "grad_accum": config.grad_accum, "remat": config.model.remat,
                    "dtype": config.model.dtype, "mesh": dict(mesh.shape), "sequence_length": layout.length},
@@ -78,15 +70,34 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, template: str = "1.
         "parameters": n_params,
         "bytes_per_device": {"params": _bytes_per_device(state.params),
                              "optimizer": _bytes_per_device((state.opt_state, state.ema)),
-                             "frozen_models": _bytes_per_device(frozen), "batch": _bytes_per_device(batch),
-                             "xla_arguments": args, "xla_outputs": out, "xla_aliased": alias,
-                             "xla_temporaries": temp, "peak": peak},
-        "fits": peak <= spec.hbm_bytes,
-        "hbm_fraction": peak / spec.hbm_bytes,
-        "flops_per_step_per_device": {"compiled": float(cost.get("flops", float("nan"))) if cost else None,
-                                      "analytic": analytic_flops(config, template) / spec.chips},
-        "compile_s": round(compile_s, 1),
+                             "frozen_models": _bytes_per_device(frozen), "batch": _bytes_per_device(batch)},
+        "flops_per_step_per_device": {"compiled": None, "analytic": analytic_flops(config, template) / spec.chips},
     }
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = trainer.step_fn(template).lower(state, frozen, batch).compile()
+    except jax.errors.JaxRuntimeError as e:  # XLA refuses programs that cannot fit: that is the planner's answer
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        needed = re.search(r"temporaries \(([\d.]+)([KMGT])\)", str(e))
+        report["bytes_per_device"]["xla_temporaries"] = (float(needed.group(1)) * 2 ** (10 * "KMGT".index(
+            needed.group(2)) + 10) if needed else None)
+        report.update(fits=False, hbm_fraction=None, compile_s=round(time.perf_counter() - t0, 1),
+                      compile_error=str(e).splitlines()[0])
+        return report
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    args, out, temp = (int(getattr(mem, f"{k}_size_in_bytes", 0)) for k in ("argument", "output", "temp"))
+    alias = int(getattr(mem, "alias_size_in_bytes", 0))
+    peak = args + out - alias + temp
+    report["bytes_per_device"].update(xla_arguments=args, xla_outputs=out, xla_aliased=alias, xla_temporaries=temp,
+                                      peak=peak)
+    report["flops_per_step_per_device"]["compiled"] = float(cost.get("flops", float("nan"))) if cost else None
+    report.update(fits=peak <= spec.hbm_bytes, hbm_fraction=peak / spec.hbm_bytes, compile_s=round(compile_s, 1))
+    return report
 
 
 def _gib(n: float) -> str:
@@ -96,6 +107,16 @@ def _gib(n: float) -> str:
 def summary(report: dict) -> str:
     b = report["bytes_per_device"]
     f = report["flops_per_step_per_device"]
+    head = (f"{report['topology']['name']} ({report['topology']['devices']} devices, mesh {report['config']['mesh']}): "
+            f"{report['parameters'] / 1e6:,.1f}M parameters, batch {report['config']['batch_size']}, "
+            f"L = {report['config']['sequence_length']}")
+    if "compile_error" in report:
+        need = b["xla_temporaries"]
+        return "\n".join([head, f"  per device: params {_gib(b['params'])}, optimizer {_gib(b['optimizer'])}, frozen "
+                                f"models {_gib(b['frozen_models'])}; XLA needs {_gib(need) if need else '?'} of "
+                                f"temporaries, the chip has {_gib(report['topology']['hbm_bytes_per_device'])} -> "
+                                f"DOES NOT FIT (raise --config.grad_accum, or a bigger slice)",
+                                f"  {report['compile_error']}"])
     lines = [f"{report['topology']['name']} ({report['topology']['devices']} devices, mesh {report['config']['mesh']}): "
              f"{report['parameters'] / 1e6:,.1f}M parameters, batch {report['config']['batch_size']}, "
              f"L = {report['config']['sequence_length']}",
