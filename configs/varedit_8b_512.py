@@ -9,6 +9,10 @@ The paper's 8B recipe: 60k steps at 512 px (pn 0.25M), batch 1536, LR 6e-5, from
 
   python -m varedit_jax.train --config configs/varedit_8b_512.py --workdir runs/varedit_8b_512 \
       --config.vae.path=ckpts/vae_d56 --config.text.path=ckpts/flan_t5_xl --config.data.paths=DATA_DIRS
+
+On a v5p-256 the one-step batch does not fit (the planner: 420 GiB of temporaries per chip); with 12 accumulation
+micro-steps it does (35.3 GiB peak per chip):
+  python -m varedit_jax.plan --config configs/varedit_8b_512.py --topology v5p-256 --config.grad_accum=12
 """
 from varedit_jax import train
 
