@@ -18,19 +18,7 @@ source launch/common.sh
 parse_launch_flags "$@"
 CONFIG="${CONFIG:-configs/varedit_tiny.py}"
 WORKDIR="${WORKDIR:-runs/ablate_$(basename "${CONFIG%%:*}" .py | sed 's/^varedit_//')}"
-ENTRY=(python -m varedit_jax.ablate --config "$CONFIG" --workdir "$WORKDIR" "${EXTRA[@]}")
-
-if [ -n "$TPU$XPK" ]; then
-  run_remote "${ENTRY[@]}" --distributed --config.model.attention_impl=splash
-  exit 0
+run_entry python -m varedit_jax.ablate --config "$CONFIG" --workdir "$WORKDIR" "${EXTRA[@]}"
+if [ "$RAN_LOCALLY" = 1 ]; then
+  echo "Outputs in $ROOT/$WORKDIR: results.{md,csv,json}, grids/, <strategy>/seed<k>/"
 fi
-
-if [ "$DRY_RUN" = 1 ]; then
-  echo "source launch/env.sh \"data\"; JAX_PLATFORMS=\${JAX_PLATFORMS:-cpu} ${ENTRY[*]}"
-  exit 0
-fi
-source launch/env.sh "data"
-start=$(date +%s)
-JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" "${ENTRY[@]}"
-echo
-echo "done in $(( $(date +%s) - start )) s. Outputs in $ROOT/$WORKDIR: results.{md,csv,json}, grids/, <strategy>/seed<k>/"

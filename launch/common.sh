@@ -5,6 +5,9 @@
 # (`gcloud compute tpus tpu-vm scp --worker=all`), installs it with the tpu extra and runs CMD on all workers
 # (`ssh --worker=all`); on an xpk cluster (`--xpk CLUSTER --tpu-type v5p-128`), creates one workload whose image
 # holds this checkout (`--script-dir`) and runs the same there. With --dry-run it prints the commands.
+# run_entry CMD...: what both launchers do with their entry point: run_remote it (with --distributed and the Pallas
+# splash attention) when TPU flags were given, else run it locally in .venv (CPU unless JAX_PLATFORMS says otherwise)
+# and set RAN_LOCALLY=1.
 
 usage_error() { echo "error: $*" >&2; exit 2; }
 
@@ -51,4 +54,23 @@ run_remote() {
   _run "${g[@]}" scp "$tarball" "$TPU:~/varedit_jax.tar.gz" --worker=all
   _run "${g[@]}" ssh "$TPU" --worker=all \
     --command "mkdir -p $remote_dir && tar -xzf ~/varedit_jax.tar.gz -C $remote_dir && $cmd"
+}
+
+run_entry() {
+  RAN_LOCALLY=0
+  if [ -n "$TPU$XPK" ]; then
+    run_remote "$@" --distributed --config.model.attention_impl=splash
+    return
+  fi
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "source launch/env.sh \"data\"; JAX_PLATFORMS=\${JAX_PLATFORMS:-cpu} $*"
+    return
+  fi
+  source "$ROOT/launch/env.sh" "data"
+  local start
+  start=$(date +%s)
+  JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" "$@"
+  RAN_LOCALLY=1
+  echo
+  echo "done in $(( $(date +%s) - start )) s."
 }

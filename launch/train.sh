@@ -17,21 +17,9 @@ source launch/common.sh
 parse_launch_flags "$@"
 CONFIG="${CONFIG:-configs/varedit_tiny.py}"
 WORKDIR="${WORKDIR:-runs/$(basename "${CONFIG%%:*}" .py)}"
-ENTRY=(python -m varedit_jax.train --config "$CONFIG" --workdir "$WORKDIR" "${EXTRA[@]}")
-
-if [ -n "$TPU$XPK" ]; then
-  run_remote "${ENTRY[@]}" --distributed --config.model.attention_impl=splash
-  exit 0
+run_entry python -m varedit_jax.train --config "$CONFIG" --workdir "$WORKDIR" "${EXTRA[@]}"
+if [ "$RAN_LOCALLY" = 1 ]; then
+  echo "Outputs in $ROOT/$WORKDIR:"
+  echo "  checkpoints/   (edit: python -m varedit_jax.edit --checkpoint $WORKDIR --image IN.png --instruction ... --out OUT.png)"
+  echo "  metrics.jsonl, tb/ (tensorboard --logdir $WORKDIR/tb), samples/*.png (held-out edits), summary.json"
 fi
-
-if [ "$DRY_RUN" = 1 ]; then
-  echo "source launch/env.sh \"data\"; JAX_PLATFORMS=\${JAX_PLATFORMS:-cpu} ${ENTRY[*]}"
-  exit 0
-fi
-source launch/env.sh "data"
-start=$(date +%s)
-JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}" "${ENTRY[@]}"
-echo
-echo "done in $(( $(date +%s) - start )) s. Outputs in $ROOT/$WORKDIR:"
-echo "  checkpoints/   (edit: python -m varedit_jax.edit --checkpoint $WORKDIR --image IN.png --instruction ... --out OUT.png)"
-echo "  metrics.jsonl, tb/ (tensorboard --logdir $WORKDIR/tb), samples/*.png (held-out edits), summary.json"
