@@ -31,8 +31,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import common
-from varedit_jax import conditioning, configlib, sampler, schedules, transformer  # noqa: E402
-from varedit_jax.convert import infinity as convert_infinity  # noqa: E402
+from varedit_jax import conditioning, configlib, loading, sampler, schedules, transformer  # noqa: E402
 
 OFFICIAL_S_PER_EDIT = 0.048  # ../shared/reference/official_cpu_baseline.md, fixture config, batch 1
 TEXT_LEN = 64
@@ -68,12 +67,12 @@ def _run_random(model_cfg, schedule, batches, iters: int) -> list[dict]:
     t0 = time.perf_counter()
     model = transformer.build(model_cfg)
     built = time.perf_counter() - t0
-    s = sampler.Sampler(model, sampler.inference_mesh(jax.devices()[:1]))
+    s = sampler.Sampler.from_model(model, sampler.inference_mesh(jax.devices()[:1]))
     layout = conditioning.sequence_layout("sar", schedule)
     inputs = _random_inputs(model_cfg, layout, max(batches))
     rows = []
     for b in batches:
-        row = _measure(s, layout, inputs, b, iters, cfg=4.0, tau=0.5)
+        row = _measure(s, layout, inputs, b, iters, options=sampler.SamplingOptions(guidance=4.0, tau=0.5))
         row.update(tokens=layout.length, depth=model_cfg.depth, init_s=built)
         print(json.dumps(row), flush=True)
         rows.append(row)
@@ -84,8 +83,7 @@ def section_fixture(args) -> dict:
     folder = REPO / "tests" / "fixtures" / "varedit_sampling"
     cfg = json.loads((folder / "config.json").read_text())
     z = np.load(folder / "io.npz")
-    config, params = convert_infinity.import_weights(folder / cfg["weights"], kind="varedit")
-    model = transformer.build(transformer.default_model_config(**dict(config.model.items())), params)
+    _, model = loading.load_transformer(folder / cfg["weights"], kind="varedit")
     layout = conditioning.sequence_layout("sar", schedules.as_schedule(z["scale_schedule"]))
     lens = z["text_lens"]
     t = int(lens.max())
@@ -99,8 +97,9 @@ def section_fixture(args) -> dict:
     reps = -(-args.batch // n)
     inputs = tuple(np.concatenate([a] * reps) for a in (text, mask, source))
     kw = cfg["autoregressive_infer_cfg_kwargs"]
-    opts = dict(cfg=kw["cfg_list"], tau=kw["tau_list"], top_k=kw["top_k"], top_p=kw["top_p"])
-    s = sampler.Sampler(model, sampler.inference_mesh(jax.devices()[:1]))
+    opts = dict(options=sampler.SamplingOptions(guidance=kw["cfg_list"], tau=kw["tau_list"], top_k=kw["top_k"],
+                                                top_p=kw["top_p"]))
+    s = sampler.Sampler.from_model(model, sampler.inference_mesh(jax.devices()[:1]))
     rows = []
     for b in (1, args.batch):
         row = _measure(s, layout, inputs, b, args.iters_small, **opts)

@@ -1,6 +1,6 @@
 """Tokenizer throughput on this machine: encode + multi-scale quantize, images/s, compile time separately.
 
-Official widths (configs/vae_d32.py, configs/vae_d56.py) with random weights, square images at 256 and 512 px
+Official widths (configs/image_tokenizer_d32.py, configs/image_tokenizer_d56.py) with random weights, square images at 256 and 512 px
 (the 1.0 template at 0.06M / 0.25M; d56 runs its quantizer on the 2x VAE schedule). Per (family, resolution):
   compile_s           lower + compile of the jitted encode + quantize (tokenizer path, `encode_multiscale`)
   encode_quantize     images/s of that function (the best of `--iters` timed calls of the compiled program)
@@ -20,9 +20,9 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import common
-from varedit_jax import configlib, quantizer, schedules, tokenizer  # noqa: E402
+from varedit_jax import configlib, image_tokenizer, quantizer, schedules  # noqa: E402
 
-FAMILIES = {"d32": REPO / "configs/vae_d32.py", "d56": REPO / "configs/vae_d56.py"}
+FAMILIES = {"d32": REPO / "configs/image_tokenizer_d32.py", "d56": REPO / "configs/image_tokenizer_d56.py"}
 
 
 def _timed(fn, *args, iters: int) -> tuple[float, object]:
@@ -37,8 +37,8 @@ def _timed(fn, *args, iters: int) -> tuple[float, object]:
 
 def bench_family(name: str, resolutions: list[int], batch: int, iters: int) -> list[dict]:
     cfg = configlib.load(FAMILIES[name]).model
-    model = tokenizer.build(cfg, seed=0)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tokenizer.param_dict(model)))
+    model = image_tokenizer.build(cfg, seed=0)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(image_tokenizer.param_dict(model)))
     rows = []
     for res in resolutions:
         sched = schedules.scale_schedule("1.0", schedules.pn_for_resolution(res))

@@ -37,7 +37,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
-from varedit_jax import configlib, metrics, text, tokenizer, train, transformer  # noqa: E402
+from varedit_jax import configlib, image_tokenizer, metrics, text, train, transformer  # noqa: E402
 
 TEMPLATE = "1.0"
 PLANS = (("2b_256", "configs/varedit_2b_256.py", "v5p-128", []),
@@ -65,13 +65,13 @@ def random_batch(trainer: train.Trainer, vocab: int) -> dict:
 def bench_step(name: str, config, steps: int, peak: float) -> dict:
     """Compiles the trainer's step for `config` on every local device and times `steps` steps."""
     mesh = train.make_mesh(config)
-    vae = tokenizer.AutoEncoder(configlib.load(config.vae.config).model, rngs=nnx.Rngs(0))
+    image_tok = image_tokenizer.ImageTokenizer(configlib.load(config.image_tokenizer.config).model, rngs=nnx.Rngs(0))
     text_cfg = configlib.load(config.text.config).model
     text_cfg.dtype = config.text.dtype
     encoder = text.T5Encoder(text_cfg, rngs=nnx.Rngs(0))
-    trainer = train.Trainer(config, mesh, vae, encoder)
+    trainer = train.Trainer(config, mesh, image_tok, encoder)
     state = trainer.init_state(transformer.param_dict(transformer.build(config.model, seed=0)))
-    frozen = trainer.place_frozen(vae, encoder)
+    frozen = trainer.place_frozen(image_tok, encoder)
     batch = random_batch(trainer, text_cfg.vocab_size)
     with jax.set_mesh(mesh):
         t0 = time.perf_counter()
@@ -85,7 +85,7 @@ def bench_step(name: str, config, steps: int, peak: float) -> dict:
             if i:
                 times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
-    layout = train._layout(config, TEMPLATE)
+    layout = train.sequence_layout(config, TEMPLATE)
     model_flops = config.batch_size * 3 * metrics.transformer_flops(config.model, layout, config.text.max_len)
     devices = jax.device_count()
     row = {"name": name, "devices": devices, "mesh": dict(mesh.shape), "batch": config.batch_size,

@@ -1,20 +1,20 @@
-"""The tiny CPU default: a VAREdit-shaped transformer on the toy task (64 px images, toy tokenizer d = 16 stride 4,
-toy text encoder width 64), pn 0.06M on the 1.0 template: 521 target tokens, 777 with the finest-scale source
-(`sar`, default, and `finest`), 1042 with `full` (`configs/varedit_tiny.py:full` / `:finest`).
+"""The tiny CPU default: a VAREdit-shaped transformer on the toy task (64 px images, toy image tokenizer d = 16
+stride 4, toy text encoder width 64), pn 0.06M on the 1.0 template: 521 target tokens, 777 with the finest-scale
+source (`sar`, default, and `finest`), 1042 with `full` (`configs/varedit_tiny.py:full` / `:finest`).
 
   python -m varedit_jax.train --config configs/varedit_tiny.py --workdir runs/tiny
 
-Empty asset paths (vae.path, text.path, data.paths) are filled with the toy assets, built once into the cache
-(`varedit_jax.assets`).
+Empty asset paths (image_tokenizer.path, text.path, data.paths) are filled with the toy assets, built once into the
+cache (`varedit_jax.assets`).
 """
-from varedit_jax import conditioning, train, transformer
+from varedit_jax import train_config, transformer
 
 
 def get_config(arg=None):
     model = transformer.default_model_config(
         embed_dim=128, depth=4, num_heads=4, bits=16, text_dim=64, text_max_len=32, text_pool_heads=1,
         block_chunks=2, remat="none", drop_path_rate=0.0)
-    config = train.default_config(model, conditioning_mode=conditioning.source_mode(arg), pn="0.06M")
+    config = train_config.default_config(model, conditioning=arg, pn="0.06M")
     config.total_steps = 200        # with the toy assets: <= 15 min on 2 cores (launch/train.sh)
     config.batch_size = 8
     config.checkpoint_every = 100
@@ -23,8 +23,9 @@ def get_config(arg=None):
     config.optim.lr = 1e-3
     config.optim.warmup_steps = 20
     config.text.max_len = 32
-    config.vae.config = str(train.REPO / "configs/toy_tokenizer.py")   # what an empty vae.path / text.path build
-    config.text.config = str(train.REPO / "configs/toy_text.py")
+    # What an empty image_tokenizer.path / text.path build (and what the planner reads).
+    config.image_tokenizer.config = str(train_config.REPO / "configs/toy_image_tokenizer.py")
+    config.text.config = str(train_config.REPO / "configs/toy_text.py")
     config.text.dtype = "float32"   # bf16 is slow on CPUs
     config.data.max_text_len = config.eval_data.max_text_len = 32
     config.data.read_threads = config.eval_data.read_threads = 2

@@ -8,10 +8,10 @@ import sys
 import pytest
 
 from helpers import REPO_ROOT
-from varedit_jax import ablate, configlib
+from varedit_jax import ablate, conditioning, configlib
 
 SMALL = ["--config.model.embed_dim=64", "--config.model.depth=2", "--config.model.num_heads=2",
-         "--config.model.block_chunks=1", "--config.toy.tokenizer_steps=4", "--config.toy.num_pairs=32",
+         "--config.model.block_chunks=1", "--config.toy.image_tokenizer_steps=4", "--config.toy.num_pairs=32",
          "--config.toy.eval_pairs=4", "--config.total_steps=2", "--config.checkpoint_every=2",
          "--config.sample_every=-1", "--config.eval_every=-1", "--config.compilation_cache=False"]
 
@@ -19,9 +19,9 @@ SMALL = ["--config.model.embed_dim=64", "--config.model.depth=2", "--config.mode
 @pytest.mark.parametrize("name", ["varedit_2b_256", "varedit_tiny"])
 def test_plan_only_lengths_are_the_papers(name):
     config = configlib.load(REPO_ROOT / f"configs/{name}.py")
-    rows = {r["strategy"]: r for r in ablate.plan_rows(config, ablate.STRATEGIES)}
+    rows = {r["conditioning"]: r for r in ablate.plan_rows(config, conditioning.EDITING_MODES)}
     assert {s: r["input_length"] for s, r in rows.items()} == {"full": 1042, "finest": 777, "sar": 777}
-    assert len({r["parameters"] for r in rows.values()}) == 1  # the strategies add no parameters
+    assert len({r["parameters"] for r in rows.values()}) == 1  # the conditioning modes add no parameters
     assert float(rows["full"]["train_flops_per_step"]) > float(rows["sar"]["train_flops_per_step"]) > 0
     assert float(rows["sar"]["flops_per_edit"]) == float(rows["finest"]["flops_per_edit"]) > 0
 
@@ -32,7 +32,7 @@ def test_plan_only_cli_prints_a_table(capsys):
     assert "| sar | 3545 |" in out and "| full | 5042 |" in out
 
 
-@pytest.mark.parametrize("flags,message", [(["--strategies", "full,best"], "unknown strategies"),
+@pytest.mark.parametrize("flags,message", [(["--conditioning", "full,best"], "unknown conditioning"),
                                            (["--seeds", "0,x"], "integers"),
                                            (["--config.nonexistent=1"], "nonexistent")])
 def test_bad_flags_exit_2(flags, message, tmp_path):
@@ -44,19 +44,19 @@ def test_bad_flags_exit_2(flags, message, tmp_path):
 @pytest.mark.slow
 def test_reduced_sweep_writes_the_table_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setenv("VAREDIT_CACHE", str(tmp_path / "cache"))
-    args = ["--workdir", str(tmp_path / "sweep"), "--strategies", "full,finest,sar", *SMALL]
+    args = ["--workdir", str(tmp_path / "sweep"), "--conditioning", "full,finest,sar", *SMALL]
     assert ablate.main(args) == 0
     table = json.loads((tmp_path / "sweep" / "results.json").read_text())
-    rows = {r["strategy"]: r for r in table["rows"]}
+    rows = {r["conditioning"]: r for r in table["rows"]}
     assert set(rows) == {"full", "finest", "sar", "copy_source", "oracle"}
-    assert {s: rows[s]["input_length"] for s in ablate.STRATEGIES} == {"full": 1042, "finest": 777, "sar": 777}
-    for s in ablate.STRATEGIES:
+    assert {s: rows[s]["input_length"] for s in conditioning.EDITING_MODES} == {"full": 1042, "finest": 777, "sar": 777}
+    for s in conditioning.EDITING_MODES:
         assert rows[s]["steps"] == 2 and rows[s]["train_step_s"] > 0 and rows[s]["s_per_edit"] > 0
         assert all(0 <= rows[s][k] <= 10 for k in ablate.SCORES)
         assert (tmp_path / "sweep" / "grids" / f"{s}_seed0.png").is_file()
     assert rows["copy_source"]["preservation"] == 10
     assert (tmp_path / "sweep" / "results.md").read_text().count("\n| ") >= 5
-    evals = {s: (tmp_path / "sweep" / s / "seed0" / "eval.json").stat().st_mtime_ns for s in ablate.STRATEGIES}
+    evals = {s: (tmp_path / "sweep" / s / "seed0" / "eval.json").stat().st_mtime_ns for s in conditioning.EDITING_MODES}
     assert ablate.main(args) == 0  # resumes: nothing retrained, nothing re-evaluated
-    assert evals == {s: (tmp_path / "sweep" / s / "seed0" / "eval.json").stat().st_mtime_ns for s in ablate.STRATEGIES}
+    assert evals == {s: (tmp_path / "sweep" / s / "seed0" / "eval.json").stat().st_mtime_ns for s in conditioning.EDITING_MODES}
     assert json.loads((tmp_path / "sweep" / "results.json").read_text())["rows"] == table["rows"]

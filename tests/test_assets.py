@@ -28,7 +28,7 @@ def _in_subprocesses(code: str, n: int, cache: pathlib.Path) -> list[str]:
 
 def test_racing_processes_build_each_asset_once(cache):
     code = ("from varedit_jax import assets; print('PATH', assets.toy_dataset(6, 3, 64)); "
-            "print('PATH', assets.toy_text_encoder(0))")
+            "print('PATH', assets.toy_text_encoder_dir(0))")
     outs = _in_subprocesses(code, 2, cache)
     joined = "".join(outs)
     assert joined.count("[assets] building the toy dataset") == 1, outs
@@ -48,27 +48,27 @@ def test_assets_are_keyed_by_their_settings_and_reused(cache, capsys):
     assert other != first and (other / "dataset.json").is_file()
 
 
-def test_toy_tokenizer_is_trained_once_per_setting(cache, monkeypatch):
+def test_toy_image_tokenizer_is_trained_once_per_setting(cache, monkeypatch):
     calls = []
 
-    def fake_train(config, workdir):  # what train_tokenizer.train leaves behind: checkpoints/<num_steps>/
+    def fake_train(config, workdir):  # what toy_image_tokenizer.train leaves behind: checkpoints/<num_steps>/
         calls.append(config.num_steps)
         (pathlib.Path(workdir) / "checkpoints" / str(config.num_steps)).mkdir(parents=True)
 
-    monkeypatch.setattr(assets.train_tokenizer, "train", fake_train)
-    a = assets.toy_tokenizer(5, 0)
-    assert assets.toy_tokenizer(5, 0) == a and calls == [5]
-    b = assets.toy_tokenizer(7, 0)
+    monkeypatch.setattr(assets.toy_image_tokenizer, "train", fake_train)
+    a = assets.toy_image_tokenizer_workdir(5, 0)
+    assert assets.toy_image_tokenizer_workdir(5, 0) == a and calls == [5]
+    b = assets.toy_image_tokenizer_workdir(7, 0)
     assert b != a and calls == [5, 7]
 
 
 def test_resolve_fills_only_empty_paths(cache, monkeypatch):
     config = configlib.load(REPO_ROOT / "configs/varedit_tiny.py")
     config.toy.num_pairs, config.toy.eval_pairs = 4, 2
-    config.vae.path, config.text.path = "/models/vae", "/models/t5"
-    monkeypatch.setattr(assets, "toy_tokenizer", lambda *a: pytest.fail("vae.path was given"))
+    config.image_tokenizer.path, config.text.path = "/models/image_tokenizer", "/models/t5"
+    monkeypatch.setattr(assets, "toy_image_tokenizer_workdir", lambda *a: pytest.fail("image_tokenizer.path was given"))
     resolved = assets.resolve(config)
-    assert (resolved.vae.path, resolved.text.path) == ("/models/vae", "/models/t5")
+    assert (resolved.image_tokenizer.path, resolved.text.path) == ("/models/image_tokenizer", "/models/t5")
     assert resolved.data.spiece_model == str(pathlib.Path("/models/t5") / text.SPIECE_FILE)
     train_dir, eval_dir = pathlib.Path(resolved.data.paths[0]), pathlib.Path(resolved.eval_data.paths[0])
     assert train_dir.is_absolute() and train_dir != eval_dir and train_dir.parent == cache.resolve()

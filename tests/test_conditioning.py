@@ -177,13 +177,13 @@ def test_full_source_tokens_are_area_resizes():
     schedule = schedules.scale_schedule("1.0", "0.06M")
     layout = conditioning.sequence_layout("full", schedule)
     source = np.random.default_rng(1).normal(size=(1, 16, 16, 5)).astype(np.float32)
-    tokens = np.asarray(conditioning.source_tokens(layout, jnp.asarray(source)))
+    tokens = np.asarray(conditioning.source_segments(layout, jnp.asarray(source)))
     want = np.concatenate([np.asarray(resample.area_resize(jnp.asarray(source), s)).reshape(1, -1, 5)
                            for s in schedule], 1)
     np.testing.assert_array_equal(tokens, want)
     assert tokens.shape[1] == layout.n_source
     with pytest.raises(ValueError, match="source grid"):
-        conditioning.source_tokens(layout, jnp.zeros((1, 8, 8, 5)))
+        conditioning.source_segments(layout, jnp.zeros((1, 8, 8, 5)))
 
 
 def test_layout_arguments_are_checked():
@@ -192,6 +192,6 @@ def test_layout_arguments_are_checked():
     with pytest.raises(ValueError, match="templates"):
         conditioning.sequence_layout("sar", ((1, 1), (2, 2)))
     with pytest.raises(ValueError):
-        conditioning.source_mode("none")
-    assert conditioning.source_mode(None) == "sar"
+        conditioning.parse("none")
+    assert conditioning.parse(None) == "sar"
     assert conditioning.sequence_layout("sar", schedules.scale_schedule("0.5", "0.25M")).template == "0.5"

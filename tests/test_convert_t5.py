@@ -12,8 +12,10 @@ import safetensors.numpy
 from flax import nnx
 
 from helpers import REPO_ROOT, fixture_dir
-from varedit_jax import configlib, text, tokenizer
-from varedit_jax.convert import io, t5
+from varedit_jax import configlib, loading, state_dicts, text
+from varedit_jax.params import param_dict
+from varedit_jax.assets import toy_text_encoder
+from varedit_jax.convert import t5
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +56,7 @@ def test_import_export_round_trip_is_exact(hf):
     hf_json = json.loads((folder / "config.json").read_text())
     for field in t5.HF_FIELDS:
         assert config.model[field] == hf_json[field], field
-    assert t5.spiece_proto(config) == (folder / text.SPIECE_FILE).read_bytes()
+    assert text.spiece_proto(config) == (folder / text.SPIECE_FILE).read_bytes()
     _assert_same_state_dict(t5.export_weights(config, params), sd)
     assert len(sd) == 3 + 9 * config.model.num_layers
 
@@ -79,9 +81,9 @@ def test_cli_import_then_export(hf, tmp_path):
     _assert_same_state_dict(safetensors.numpy.load_file(out), sd)
 
     # the checkpoint carries its tokenizer: it loads with no other file and encodes like the HF folder
-    config, encoder, tok = t5.load_text_encoder(ckpt)
-    _, ref_encoder, ref_tok = t5.load_text_encoder(folder)
-    assert tok.proto == ref_tok.proto and config.text_max_len == t5.DEFAULT_TEXT_MAX_LEN
+    config, encoder, tok = loading.load_text_encoder(ckpt)
+    _, ref_encoder, ref_tok = loading.load_text_encoder(folder)
+    assert tok.proto == ref_tok.proto and config.text_max_len == text.DEFAULT_TEXT_MAX_LEN
     ids, mask = tok(["make the sky purple"], 8)
     np.testing.assert_array_equal(text.encode(encoder, ids, mask)[0], text.encode(ref_encoder, ids, mask)[0])
 
@@ -100,7 +102,7 @@ def test_encoder_decoder_checkpoint_keeps_the_encoder(hf, tmp_path):
     config, params = t5.import_weights(_copy(folder, tmp_path / "full", full))
     _assert_same_state_dict(t5.export_weights(config, params), sd)
     untied = dict(full, **{"encoder.embed_tokens.weight": sd["shared.weight"] + 1})
-    with pytest.raises(io.StateDictMismatch, match="tied"):
+    with pytest.raises(state_dicts.StateDictMismatch, match="tied"):
         t5.import_weights(_copy(folder, tmp_path / "untied", untied))
 
 
@@ -139,7 +141,7 @@ def test_mismatches_are_refused(hf, tmp_path, change, match):
 def test_given_config_is_checked_and_supplies_the_rest(hf, tmp_path):
     folder, _ = hf
     base = t5.config_from_file(folder / "config.json")
-    with pytest.raises(io.StateDictMismatch, match="layer_norm_epsilon"):
+    with pytest.raises(state_dicts.StateDictMismatch, match="layer_norm_epsilon"):
         given = configlib.override(base, {"model.layer_norm_epsilon": 1e-5})
         t5.import_weights(folder, given)
     given = configlib.override(base, {"model.dtype": "bfloat16", "text_max_len": 64})
@@ -171,9 +173,9 @@ def test_flan_t5_xl_config():
 def test_export_of_a_model_built_here(tmp_path):
     """A model initialised here (not imported) exports to the HF layout and reads back identically."""
     cfg = text.default_model_config(vocab_size=40, d_model=32, d_kv=8, num_heads=2, d_ff=48, num_layers=3)
-    params = tokenizer.param_dict(text.T5Encoder(cfg, rngs=nnx.Rngs(1)))
-    proto = t5.train_spiece(["make the red circle blue", "move it left"], 40, 0)
-    config = t5.full_config(cfg, 16, proto)
+    params = param_dict(text.T5Encoder(cfg, rngs=nnx.Rngs(1)))
+    proto = toy_text_encoder.train_spiece(["make the red circle blue", "move it left"], 40, 0)
+    config = text.encoder_config(cfg, 16, proto)
     out = t5.save_hf_folder(tmp_path / "hf", config, params)
     again, back = t5.import_weights(out)
     assert again.model.to_dict() == cfg.to_dict()

@@ -15,7 +15,7 @@ from helpers import REPO_ROOT, fixture_dir, fixtures_root
 from transformer_cases import KIND_OF_FOLDER, folder_config, random_params
 from varedit_jax import checkpoint, transformer
 from varedit_jax.convert import infinity as conv
-from varedit_jax.convert import io
+from varedit_jax import state_dicts
 from varedit_jax.convert.__main__ import main as cli
 
 
@@ -39,7 +39,7 @@ def _assert_same(got: dict, want: dict):
 @pytest.mark.parametrize("name,kind", _fixture_weights())
 def test_import_export_reproduces_the_fixture_file(name, kind):
     folder = fixture_dir(name)
-    sd = io.read_state_dict(folder / "weights.safetensors")
+    sd = state_dicts.read_state_dict(folder / "weights.safetensors")
     meta = folder_config(folder)
     for scan in (True, False):
         config = None if scan else conv.config_from_file(folder / "config.json", kind=kind)
@@ -63,7 +63,7 @@ def test_fixture_config_is_checked_against_the_weights(tmp_path):
     assert given.conditioning == "sar"
     cfg, _ = conv.import_weights(folder / "weights.safetensors", given, kind="varedit")
     assert cfg.model.embed_dim == folder_config(folder)["constructor_kwargs"]["embed_dim"]
-    with pytest.raises(io.StateDictMismatch, match="embed_dim: config 2048"):
+    with pytest.raises(state_dicts.StateDictMismatch, match="embed_dim: config 2048"):
         conv.import_weights(folder / "weights.safetensors",
                             conv.config_from_file(REPO_ROOT / "configs/varedit_2b_256.py", kind="varedit"))
     with pytest.raises(ValueError, match="not 'infinity'"):
@@ -122,7 +122,7 @@ def test_a_model_trained_here_exports_the_official_key_set():
 def test_mismatched_state_dicts_are_refused_by_name(edit, match):
     sd, _, _ = _tiny_state_dict()
     edit(sd)
-    with pytest.raises(io.StateDictMismatch, match=match):
+    with pytest.raises(state_dicts.StateDictMismatch, match=match):
         conv.import_weights(sd, kind="varedit")
 
 

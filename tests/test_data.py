@@ -9,7 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from data_pipelines import build, records, toy
-from varedit_jax import data, schedules
+from varedit_jax import data, images, schedules
 from varedit_jax.text import TextTokenizer
 
 TOY_SIZE, STRIDE, N_TOY = 32, 2, 24  # 0.06M square schedule ends at 16x16 -> 32 px with stride 2
@@ -186,25 +186,16 @@ def test_untokenizable_instruction_is_replaced(tmp_path, spiece):
     np.testing.assert_array_equal(batch["text_ids"][1], real(["make it blue"], 16)[0][0])
 
 
-def test_cover_resize_and_centre_crop():
-    img = Image.fromarray(_rand(20, 40, 0))  # w/h = 2 > 1: height -> 16, width -> int(2 * 16) = 32, crop x 8..24
-    expected = np.asarray(img.resize((32, 16), Image.Resampling.LANCZOS))[:, 8:24]
-    np.testing.assert_array_equal(data.cover_resize(img, (16, 16), Image.Resampling.LANCZOS), expected)
-    tall = Image.fromarray(_rand(45, 15, 1))  # w/h = 1/3 <= 16/16: width -> 16, height -> int(16 / (1/3)) = 48
-    expected = np.asarray(tall.resize((16, 48), Image.Resampling.LANCZOS))[16:32]
-    np.testing.assert_array_equal(data.cover_resize(tall, (16, 16), Image.Resampling.LANCZOS), expected)
-
-
 def test_target_is_resized_to_the_source_size_first():
     src, tgt = _rand(20, 40, 2), _rand(10, 30, 3)
     mask = np.zeros((10, 30), np.uint8)
     mask[2:5, 6:12] = 1
     ex = data.preprocess(records.decode_record(records.encode_record(_record("x", src, tgt, mask))), (16, 16))
     tgt_at_src = Image.fromarray(tgt).resize((40, 20), Image.Resampling.BICUBIC)
-    expected = data.cover_resize(tgt_at_src, (16, 16), Image.Resampling.LANCZOS).astype(np.float32) / 255 * 2 - 1
+    expected = images.cover_resize(tgt_at_src, (16, 16), Image.Resampling.LANCZOS).astype(np.float32) / 255 * 2 - 1
     np.testing.assert_allclose(ex["target"], expected, atol=1e-6)
     mask_at_src = Image.fromarray(mask).resize((40, 20), Image.Resampling.NEAREST)
-    np.testing.assert_array_equal(ex["mask"], data.cover_resize(mask_at_src, (16, 16), Image.Resampling.NEAREST))
+    np.testing.assert_array_equal(ex["mask"], images.cover_resize(mask_at_src, (16, 16), Image.Resampling.NEAREST))
     assert ex["mask"].sum() > 0 and ex["has_mask"]
     assert ex["source"].min() >= -1 and ex["source"].max() <= 1
 

@@ -11,7 +11,7 @@ import pytest
 import safetensors.numpy
 from PIL import Image
 
-from varedit_jax.convert import io as cio
+from varedit_jax import state_dicts
 
 pytest.importorskip("regex", reason="the CLIP tokenizer needs the regex package")
 from varedit_jax.eval import clip  # noqa: E402
@@ -265,7 +265,7 @@ def test_load_errors(tmp_path):
     sd.pop("text_projection.weight")
     sd["vision_model.embeddings.class_embedding"] = np.zeros(7, np.float32)
     safetensors.numpy.save_file(sd, str(folder / "model.safetensors"))
-    with pytest.raises(cio.StateDictMismatch, match="text_projection.weight"):
+    with pytest.raises(state_dicts.StateDictMismatch, match="text_projection.weight"):
         clip.load_clip(folder)
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="model.safetensors"):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from varedit_jax.convert import io as cio
+from varedit_jax import state_dicts
 from varedit_jax.eval import dino
 from varedit_jax.eval import lpips as lp
 from varedit_jax.eval import pie_metrics as pm
@@ -182,10 +182,10 @@ def test_self_similarity_and_dino_load_errors(tmp_path):
     del sd["blocks.0.attn.qkv.bias"]
     path = tmp_path / "bad.safetensors"
     safetensors.numpy.save_file(sd, str(path))
-    with pytest.raises(cio.StateDictMismatch, match="attn.qkv.bias"):
+    with pytest.raises(state_dicts.StateDictMismatch, match="attn.qkv.bias"):
         dino.load_dino(path, heads=2)
     safetensors.numpy.save_file({"x": np.zeros(1, np.float32)}, str(path))
-    with pytest.raises(cio.StateDictMismatch, match="not a DINO"):
+    with pytest.raises(state_dicts.StateDictMismatch, match="not a DINO"):
         dino.load_dino(path)
 
 
@@ -259,7 +259,7 @@ def test_lpips_matches_plain_torch_and_plugs_into_background_metrics(tmp_path):
     assert row["lpips"] == pytest.approx(expected, rel=1e-4)  # masked pixels are 0 in [0, 1] = -1 in [-1, 1]
     heads.pop("lin6.model.1.weight")
     safetensors.numpy.save_file(heads, str(tmp_path / "squeeze_heads.safetensors"))
-    with pytest.raises(cio.StateDictMismatch, match="lin6"):
+    with pytest.raises(state_dicts.StateDictMismatch, match="lin6"):
         lp.load_lpips(tmp_path / "squeezenet1_1.safetensors", tmp_path / "squeeze_heads.safetensors")
 
 

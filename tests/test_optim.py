@@ -36,6 +36,12 @@ def test_decay_set_is_the_official_one(model_cfg, params):
     official = convert_infinity.export_weights(ml_collections.ConfigDict({"model": model_cfg.to_dict()}), params)
     theirs = sum(v.size for k, v in official.items() if _official_decays(k, v))
     assert ours == theirs > 0
+    for path, value in jax.tree_util.tree_flatten_with_path(params)[0]:  # and tensor by tensor
+        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+        name, _ = convert_infinity.official_key(keys)
+        if keys[0] == "blocks":
+            name = convert_infinity.block_prefix(0, model_cfg.depth, model_cfg.block_chunks) + name
+        assert transformer.weight_decay(keys) == _official_decays(name, official[name]), name
     assert mask["word_embed"]["kernel"] and mask["blocks"]["sa"]["mat_qkv"]
     assert not mask["cfg_uncond"] and not mask["lvl_embed"]["embedding"]
     assert not mask["text_proj_for_sos"]["mat_q"]  # 3-D officially, excluded by name

@@ -80,8 +80,9 @@ def test_patchify_layout_and_inverse():
     np.testing.assert_allclose(np.asarray(summed), np.asarray(ms.quantized), atol=FLOAT_TOL)
     np.testing.assert_array_equal(np.asarray(Q.from_tokens(Q.to_tokens(latent, True), (4, 3), True)),
                                   np.asarray(latent))
-    np.testing.assert_array_equal(np.asarray(Q.source_tokens(latent, sched, True)),
-                                  np.asarray(Q.to_tokens(latent, True)))
+    grid = np.asarray(Q.source_grid(latent, sched, True))
+    assert grid.shape == (2,) + sched[-1] + (16,)
+    np.testing.assert_array_equal(grid.reshape(2, -1, 16), np.asarray(Q.to_tokens(latent, True)))
 
 
 def test_infer_step_inside_jit_matches_whole_sequence():

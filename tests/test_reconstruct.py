@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from helpers import REPO_ROOT
-from varedit_jax import checkpoint, reconstruct, schedules, tokenizer
-from varedit_jax.convert import vae as cv
+from varedit_jax import checkpoint, reconstruct, schedules, image_tokenizer
+from varedit_jax.convert import image_tokenizer as cv
 
 TINY = dict(base_ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_size=2, codebook_dim=8)
 
@@ -23,11 +23,11 @@ def _cli(*args):
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    model_cfg = tokenizer.default_model_config(**TINY)
-    model = tokenizer.build(model_cfg)
-    config, _ = cv.import_weights(cv.export_weights(model_cfg, tokenizer.param_dict(model)))
+    model_cfg = image_tokenizer.default_model_config(**TINY)
+    model = image_tokenizer.build(model_cfg)
+    config, _ = cv.import_weights(cv.export_weights(model_cfg, image_tokenizer.param_dict(model)))
     path = tmp_path_factory.mktemp("tok") / "ckpt"
-    checkpoint.save_params(path, tokenizer.param_dict(model), config)
+    checkpoint.save_params(path, image_tokenizer.param_dict(model), config)
     return path
 
 
@@ -36,17 +36,6 @@ def _image(path, width, height):
     rgb = np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) % 256], -1).astype(np.uint8)
     Image.fromarray(rgb).save(path)
     return rgb
-
-
-def test_cover_resize_crop_keeps_the_centre():
-    img = np.zeros((40, 120, 3), np.uint8)
-    img[:, 40:80] = 200  # centre third bright, sides dark
-    out = reconstruct.cover_resize_crop(Image.fromarray(img), (40, 40))
-    assert out.shape == (40, 40, 3) and out[:, 2:-2].min() >= 190
-    same = reconstruct.cover_resize_crop(Image.fromarray(img), (40, 120))
-    np.testing.assert_array_equal(same, img)
-    tall = reconstruct.cover_resize_crop(Image.fromarray(img), (64, 48))
-    assert tall.shape == (64, 48, 3)
 
 
 def test_target_size_follows_template_resolution_and_stride():
@@ -58,7 +47,7 @@ def test_target_size_follows_template_resolution_and_stride():
 
 def test_cli_reconstructs_and_reports(tiny_checkpoint, tmp_path):
     _image(tmp_path / "in.png", 100, 70)
-    result = _cli("--vae", str(tiny_checkpoint), "--image", str(tmp_path / "in.png"), "--resolution", "256",
+    result = _cli("--image_tokenizer", str(tiny_checkpoint), "--image", str(tmp_path / "in.png"), "--resolution", "256",
                   "--out", str(tmp_path / "out.png"))
     assert result.returncode == 0, result.stderr
     template = schedules.nearest_template(70 / 100)
@@ -77,10 +66,10 @@ def test_cli_errors_are_one_line_exit_2(tiny_checkpoint, tmp_path):
     _image(tmp_path / "ok.png", 32, 32)
     (tmp_path / "junk.safetensors").write_bytes(os.urandom(256))
     cases = {
-        "cannot read image": ["--vae", str(tiny_checkpoint), "--image", str(tmp_path / "broken.png")],
-        "no image at": ["--vae", str(tiny_checkpoint), "--image", str(tmp_path / "missing.png")],
-        "cannot read weights": ["--vae", str(tmp_path / "junk.safetensors"), "--image", str(tmp_path / "ok.png")],
-        "no tokenizer weights or checkpoint": ["--vae", str(tmp_path / "nowhere"), "--image", str(tmp_path / "ok.png")],
+        "cannot decode image": ["--image_tokenizer", str(tiny_checkpoint), "--image", str(tmp_path / "broken.png")],
+        "no image at": ["--image_tokenizer", str(tiny_checkpoint), "--image", str(tmp_path / "missing.png")],
+        "cannot read weights": ["--image_tokenizer", str(tmp_path / "junk.safetensors"), "--image", str(tmp_path / "ok.png")],
+        "no image tokenizer weights or checkpoint": ["--image_tokenizer", str(tmp_path / "nowhere"), "--image", str(tmp_path / "ok.png")],
     }
     for message, args in cases.items():
         result = _cli(*args, "--out", str(tmp_path / "out.png"))

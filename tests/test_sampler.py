@@ -1,6 +1,7 @@
 """The sampler: parity with the official KV-cached CFG samplers (infinity_sampling, varedit_sampling fixtures, weights
 imported by the converter), top-k / top-p semantics, per-sample keys, 1 vs 8 devices (data and tensor axes), the
 d56 patchify path, negative prompts, and the AOT compile for a TPU slice."""
+import dataclasses
 import functools
 
 import jax
@@ -53,7 +54,7 @@ def _checkable(z: dict, kwargs: dict) -> np.ndarray:
 @functools.lru_cache(maxsize=None)
 def _one_device_sampler(name: str):
     f = _fixture(name)
-    return f, sampler.Sampler(f["model"], sampler.inference_mesh(jax.devices()[:1]))
+    return f, sampler.Sampler.from_model(f["model"], sampler.inference_mesh(jax.devices()[:1]))
 
 
 @pytest.mark.parity
@@ -61,10 +62,11 @@ def _one_device_sampler(name: str):
 def test_matches_the_official_sampler(name):
     f, s = _one_device_sampler(name)
     z, kw, layout = f["z"], f["kwargs"], f["layout"]
-    opts = dict(cfg=kw["cfg_list"], tau=kw["tau_list"], top_k=kw["top_k"], top_p=kw["top_p"], seed=kw["g_seed"])
+    opts = dict(options=sampler.SamplingOptions(guidance=kw["cfg_list"], tau=kw["tau_list"], top_k=kw["top_k"],
+                                                top_p=kw["top_p"], seed=kw["g_seed"]))
     if f["source"] is not None:  # the source path: raw latent -> finest-scale tokens (official get_image_prefix)
-        tokens = quantizer.source_tokens(nhwc(z["raw_source_latent"]), layout.schedule, f["model"].cfg.patchify)
-        np.testing.assert_allclose(np.asarray(tokens), z["source_prefix"], atol=1e-6)
+        grid = quantizer.source_grid(nhwc(z["raw_source_latent"]), layout.schedule, f["model"].cfg.patchify)
+        np.testing.assert_allclose(np.asarray(grid).reshape(z["source_prefix"].shape), z["source_prefix"], atol=1e-6)
     checkable = _checkable(z, kw)
     assert checkable.mean() > 0.9, "the fixture leaves too few bits to compare"
     sizes = [h * w for h, w in layout.schedule]
@@ -135,11 +137,11 @@ def test_bit_sampling_distribution():
     pair = lambda p: [0.0, float(np.log((1 - p) / p))]  # noqa: E731 -- logits of (bit 0, bit 1), P(bit 0) = p
     logits = jnp.asarray(np.array([pair(0.02), pair(0.2)] * n, np.float32).reshape(1, n, 4))
     keys = jnp.stack([jax.random.key(0)])
-    default = sampler.sampling_params(1)
+    default = sampler.SamplingOptions().per_scale(1)
     bits = np.asarray(sampler.sample_bits(keys, 0, logits, default))[0]
     assert bits[:, 0].all()
     assert abs(1 - bits[:, 1].mean() - 0.2) < 0.03
-    argmax = sampler.sampling_params(1, top_k=1)
+    argmax = sampler.SamplingOptions(top_k=1).per_scale(1)
     assert np.asarray(sampler.sample_bits(keys, 0, logits, argmax)).all()
     again = np.asarray(sampler.sample_bits(keys, 0, logits, default))[0]
     np.testing.assert_array_equal(bits, again)
@@ -147,20 +149,20 @@ def test_bit_sampling_distribution():
     assert (other_scale[:, 1] != bits[:, 1]).any()
 
 
-def test_sampling_params_validation():
-    p = sampler.sampling_params(3, cfg=[1.0, 2.0, 3.0], tau=0.3, top_k=900, top_p=0.0)
-    np.testing.assert_array_equal(np.asarray(p.cfg), [1, 2, 3])
-    np.testing.assert_array_equal(np.asarray(p.one_minus_cfg), [0, -1, -2])
+def test_sampling_options_validation():
+    p = sampler.SamplingOptions(guidance=[1.0, 2.0, 3.0], tau=0.3, top_k=900, top_p=0.0).per_scale(3)
+    np.testing.assert_array_equal(np.asarray(p.guidance), [1, 2, 3])
+    np.testing.assert_array_equal(np.asarray(p.one_minus_guidance), [0, -1, -2])
     np.testing.assert_array_equal(np.asarray(p.inv_tau), np.float32(1 / 0.3))
     assert int(p.top_k) == 2 and np.isneginf(float(p.top_p_threshold))
     with pytest.raises(ValueError, match="one per scale"):
-        sampler.sampling_params(3, cfg=[1.0, 2.0])
+        sampler.SamplingOptions(guidance=[1.0, 2.0]).per_scale(3)
     with pytest.raises(ValueError, match="tau must be > 0"):
-        sampler.sampling_params(3, tau=0.0)
+        sampler.SamplingOptions(tau=0.0).per_scale(3)
     with pytest.raises(ValueError, match="finite"):
-        sampler.sampling_params(3, cfg=float("nan"))
+        sampler.SamplingOptions(guidance=float("nan")).per_scale(3)
     with pytest.raises(ValueError, match="top_p"):
-        sampler.sampling_params(3, top_p=1.5)
+        sampler.SamplingOptions(top_p=1.5).per_scale(3)
 
 
 # ------------------------------------------------------------------------------------------------ devices and keys
@@ -188,12 +190,12 @@ def _tiny_samplers():
     model = _tiny_model()
     devices = jax.devices()
     assert len(devices) >= 8, "conftest provides 8 simulated devices"
-    return model, {"1": sampler.Sampler(model, sampler.inference_mesh(devices[:1])),
-                   "8": sampler.Sampler(model, sampler.inference_mesh(devices[:8])),
-                   "4x2": sampler.Sampler(model, sampler.inference_mesh(devices[:8], tensor=2))}
+    return model, {"1": sampler.Sampler.from_model(model, sampler.inference_mesh(devices[:1])),
+                   "8": sampler.Sampler.from_model(model, sampler.inference_mesh(devices[:8])),
+                   "4x2": sampler.Sampler.from_model(model, sampler.inference_mesh(devices[:8], tensor=2))}
 
 
-OPTS = dict(cfg=3.0, tau=1.0, seed=7)  # top_k 900 / top_p 0.97: most bits are random draws
+OPTS = sampler.SamplingOptions(guidance=3.0, tau=1.0, seed=7)  # top_k 900 / top_p 0.97: most bits are random draws
 
 
 @functools.lru_cache(maxsize=None)
@@ -202,7 +204,7 @@ def _reference_run():
     model, samplers = _tiny_samplers()
     layout = conditioning.sequence_layout("sar", SCHEDULE)
     inputs = _tiny_inputs(model, 8)
-    return layout, inputs, samplers["1"].sample(layout, *inputs, **OPTS)
+    return layout, inputs, samplers["1"].sample(layout, *inputs, options=OPTS)
 
 
 def _assert_same(out, ref, rows=slice(None), what=""):
@@ -216,12 +218,12 @@ def test_one_vs_eight_devices_and_batch_independence():
     layout, (text, mask, source), ref = _reference_run()
     bits = np.asarray(ref.bits)
     assert 0.2 < bits.mean() < 0.8 and (bits[0] != bits[1]).any()
-    _assert_same(samplers["8"].sample(layout, text, mask, source, **OPTS), ref, what="8 devices")
+    _assert_same(samplers["8"].sample(layout, text, mask, source, options=OPTS), ref, what="8 devices")
     # a sub-batch with the same global indices, in another order and with other neighbours (padded to 8 rows)
     rows = np.array([6, 1, 3])
-    sub = samplers["8"].sample(layout, text[rows], mask[rows], source[rows], index=rows, **OPTS)
+    sub = samplers["8"].sample(layout, text[rows], mask[rows], source[rows], index=rows, options=OPTS)
     _assert_same(sub, ref, rows, "sub-batch on 8 devices")
-    other_seed = samplers["8"].sample(layout, text, mask, source, **dict(OPTS, seed=8))
+    other_seed = samplers["8"].sample(layout, text, mask, source, options=dataclasses.replace(OPTS, seed=8))
     assert (np.asarray(other_seed.bits) != bits).mean() > 0.1
 
 
@@ -231,9 +233,9 @@ def test_tensor_axis_and_batch_size_independence():
     of the 8-sample one."""
     _, samplers = _tiny_samplers()
     layout, (text, mask, source), ref = _reference_run()
-    _assert_same(samplers["4x2"].sample(layout, text, mask, source, **OPTS), ref, what="data 4 x tensor 2")
+    _assert_same(samplers["4x2"].sample(layout, text, mask, source, options=OPTS), ref, what="data 4 x tensor 2")
     rows = np.array([6, 1, 3])
-    sub = samplers["1"].sample(layout, text[rows], mask[rows], source[rows], index=rows, **OPTS)
+    sub = samplers["1"].sample(layout, text[rows], mask[rows], source[rows], index=rows, options=OPTS)
     _assert_same(sub, ref, rows, "3-sample batch on one device")
 
 
@@ -244,13 +246,13 @@ def test_negative_prompt_replaces_the_null_text():
     s = samplers["8"]
     layout = conditioning.sequence_layout("sar", SCHEDULE)
     text, mask, source = _tiny_inputs(model, 8)
-    ref = s.sample(layout, text, mask, source, **OPTS)
+    ref = s.sample(layout, text, mask, source, options=OPTS)
     null = np.where(mask[..., None], np.asarray(model.cfg_uncond[...])[None, :8], 0.0).astype(np.float32)
-    same = s.sample(layout, text, mask, source, negative=(null, mask), **OPTS)
+    same = s.sample(layout, text, mask, source, negative=(null, mask), options=OPTS)
     np.testing.assert_allclose(np.asarray(same.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
-    other = s.sample(layout, text, mask, source, negative=(text[::-1].copy(), mask[::-1].copy()), **OPTS)
+    other = s.sample(layout, text, mask, source, negative=(text[::-1].copy(), mask[::-1].copy()), options=OPTS)
     assert np.abs(np.asarray(other.logits)[:, 0] - np.asarray(ref.logits)[:, 0]).max() > 1e-3
-    forced = s.sample(layout, text, mask, source, forced_bits=np.asarray(ref.bits), **dict(OPTS, seed=99))
+    forced = s.sample(layout, text, mask, source, forced_bits=np.asarray(ref.bits), options=dataclasses.replace(OPTS, seed=99))
     np.testing.assert_allclose(np.asarray(forced.logits), np.asarray(ref.logits), atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(forced.summed), np.asarray(ref.summed), atol=1e-6, rtol=0)
 
@@ -260,10 +262,10 @@ def test_patchify_path():
     """d56-style tokens: 2x2 pixel-unshuffled latents; the summed latent lives on the doubled VAE grid and equals
     the quantizer's reconstruction from the sampled bits."""
     model = _tiny_model(patchify=True)
-    s = sampler.Sampler(model, sampler.inference_mesh(jax.devices()[:2]))
+    s = sampler.Sampler.from_model(model, sampler.inference_mesh(jax.devices()[:2]))
     layout = conditioning.sequence_layout("sar", SCHEDULE)
     text, mask, source = _tiny_inputs(model, 2)
-    out = s.sample(layout, text, mask, source, **OPTS)
+    out = s.sample(layout, text, mask, source, options=OPTS)
     assert out.bits.shape == (2, layout.n_target, 16)
     assert out.summed.shape == (2, 8, 8, 4)
     summed, _ = quantizer.infer_sequence(out.bits, SCHEDULE, patchify=True)
@@ -278,11 +280,11 @@ def test_non_square_template():
     layout = conditioning.sequence_layout("sar", schedule, "0.5")
     text, mask, _ = _tiny_inputs(model, 8)
     source = np.random.default_rng(2).normal(size=(8,) + schedule[-1] + (8,)).astype(np.float32)
-    out = samplers["8"].sample(layout, text, mask, source, **OPTS)
+    out = samplers["8"].sample(layout, text, mask, source, options=OPTS)
     assert out.summed.shape == (8,) + schedule[-1] + (8,)
     summed, _ = quantizer.infer_sequence(out.bits, schedule)
     np.testing.assert_allclose(np.asarray(out.summed), np.asarray(summed), atol=1e-6, rtol=0)
-    forced = samplers["8"].sample(layout, text, mask, source, forced_bits=np.asarray(out.bits), **dict(OPTS, seed=1))
+    forced = samplers["8"].sample(layout, text, mask, source, forced_bits=np.asarray(out.bits), options=dataclasses.replace(OPTS, seed=1))
     np.testing.assert_allclose(np.asarray(forced.logits), np.asarray(out.logits), atol=1e-5, rtol=0)
 
 

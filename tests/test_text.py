@@ -13,8 +13,8 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from helpers import fixtures_root, load_index, load_npz
-from varedit_jax import sharding, text
-from varedit_jax.convert import t5
+from varedit_jax import loading, sharding, text
+from varedit_jax.assets import toy_text_encoder
 
 ATOL = 1e-4  # the issue's bound for the last hidden state at valid positions (measured ~2e-6)
 
@@ -36,7 +36,7 @@ def fixture():
     if not folder.is_dir():
         pytest.skip(f"fixture folder 't5' is not in fixture root {fixtures_root()}")
     index = load_index(folder / "prompts.json")
-    _, encoder, tok = t5.load_text_encoder(folder)
+    _, encoder, tok = loading.load_text_encoder(folder)
     ids, mask = tok(index["prompts"], index["max_length"])
     features, out_mask = jax.jit(lambda i, m: text.encode(encoder, i, m))(ids, mask)
     return dict(folder=folder, index=index, io=load_npz(folder / "io.npz"), encoder=encoder, tok=tok, ids=ids,
@@ -130,7 +130,7 @@ def _shard(folder, out, n_shards=2):
 @pytest.mark.parity
 def test_sharded_folder_loads_the_same(fixture, tmp_path):
     sharded = _shard(fixture["folder"], tmp_path)
-    _, encoder, tok = t5.load_text_encoder(sharded)
+    _, encoder, tok = loading.load_text_encoder(sharded)
     ids, mask = tok(fixture["index"]["prompts"], fixture["index"]["max_length"])
     np.testing.assert_array_equal(ids, fixture["ids"])
     params = lambda m: nnx.to_pure_dict(nnx.state(m, nnx.Param))  # noqa: E731
@@ -145,7 +145,7 @@ def test_sharded_folder_with_a_missing_shard_is_refused(tmp_path):
     _shard(folder, tmp_path)
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises((FileNotFoundError, ValueError)):
-        t5.load_text_encoder(tmp_path)
+        loading.load_text_encoder(tmp_path)
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -153,7 +153,7 @@ def test_sharded_folder_with_a_missing_shard_is_refused(tmp_path):
 def toy_dir(tmp_path_factory):
     corpus = ["make the red circle blue", "move the green square to the left", "remove the yellow triangle",
               "add a purple circle at the top right", "enlarge the blue square"]
-    return t5.build_toy_text_encoder(tmp_path_factory.mktemp("toy") / "t5", corpus, seed=3), corpus
+    return toy_text_encoder.build(tmp_path_factory.mktemp("toy") / "t5", corpus, seed=3), corpus
 
 
 def test_empty_and_whitespace_texts_are_refused(toy_dir):
@@ -190,21 +190,29 @@ def test_tokenizer_refuses_bad_models(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- toy encoder
+def _toy_params(folder):
+    return jax.device_get(loading.load_params(folder, (text.KIND,), "text encoder")[1])
+
+
+def _same_params(a, b) -> bool:
+    return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+
+
 def test_toy_encoder_is_deterministic_reused_and_loads(toy_dir, tmp_path):
     out, corpus = toy_dir
-    assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", text.SPIECE_FILE}
-    again = t5.build_toy_text_encoder(tmp_path / "again", corpus, seed=3)
-    for name in ("model.safetensors", text.SPIECE_FILE, "config.json"):
-        assert (again / name).read_bytes() == (out / name).read_bytes(), name
-    stamp = (out / "model.safetensors").stat().st_mtime_ns
-    assert t5.build_toy_text_encoder(out, corpus, seed=3) == out
-    assert (out / "model.safetensors").stat().st_mtime_ns == stamp  # reused, not rebuilt
-    other = t5.build_toy_text_encoder(tmp_path / "other", corpus, seed=4)
-    assert (other / "model.safetensors").read_bytes() != (out / "model.safetensors").read_bytes()
-    t5.build_toy_text_encoder(again, corpus, seed=4)  # other inputs: rebuilt in place
-    assert (again / "model.safetensors").read_bytes() == (other / "model.safetensors").read_bytes()
+    assert {p.name for p in out.iterdir()} >= {"checkpoints", text.SPIECE_FILE, toy_text_encoder.MANIFEST}
+    again = toy_text_encoder.build(tmp_path / "again", corpus, seed=3)
+    assert (again / text.SPIECE_FILE).read_bytes() == (out / text.SPIECE_FILE).read_bytes()
+    assert _same_params(_toy_params(again), _toy_params(out))
+    stamp = (out / toy_text_encoder.MANIFEST).stat().st_mtime_ns
+    assert toy_text_encoder.build(out, corpus, seed=3) == out
+    assert (out / toy_text_encoder.MANIFEST).stat().st_mtime_ns == stamp  # reused, not rebuilt
+    other = toy_text_encoder.build(tmp_path / "other", corpus, seed=4)
+    assert not _same_params(_toy_params(other), _toy_params(out))
+    toy_text_encoder.build(again, corpus, seed=4)  # other inputs: rebuilt in place
+    assert _same_params(_toy_params(again), _toy_params(other))
 
-    config, encoder, tok = t5.load_text_encoder(out)
+    config, encoder, tok = loading.load_text_encoder(out)
     assert config.model.d_model == 64 and config.model.vocab_size == tok.vocab_size <= 512
     ids, mask = tok(corpus[:2], 16)
     features, _ = text.encode(encoder, ids, mask)
@@ -213,8 +221,8 @@ def test_toy_encoder_is_deterministic_reused_and_loads(toy_dir, tmp_path):
 
 
 def test_toy_encoder_small_corpus_and_foreign_folder(tmp_path):
-    out = t5.build_toy_text_encoder(tmp_path / "tiny", ["make it red"], seed=0, vocab_size=4)
-    config, _, tok = t5.load_text_encoder(out)
+    out = toy_text_encoder.build(tmp_path / "tiny", ["make it red"], seed=0, vocab_size=4)
+    config, _, tok = loading.load_text_encoder(out)
     assert 4 < tok.vocab_size == config.model.vocab_size  # grown to cover every character
     ids, mask = tok(["make it red"], 12)
     assert mask.sum() > 1 and (ids[mask] != 2).all()  # no <unk> on the training text
@@ -222,15 +230,15 @@ def test_toy_encoder_small_corpus_and_foreign_folder(tmp_path):
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError):
-        t5.build_toy_text_encoder(foreign, ["make it red"], seed=0)
+        toy_text_encoder.build(foreign, ["make it red"], seed=0)
     with pytest.raises(ValueError, match="non-blank"):
-        t5.build_toy_text_encoder(tmp_path / "blank", ["", "  "], seed=0)
+        toy_text_encoder.build(tmp_path / "blank", ["", "  "], seed=0)
 
 
 # --------------------------------------------------------------------------------------------- compute dtype
 @pytest.mark.parity
 def test_bfloat16_compute_stays_close(fixture):
-    config, encoder, tok = t5.load_text_encoder(fixture["folder"], dtype="bfloat16")
+    config, encoder, tok = loading.load_text_encoder(fixture["folder"], dtype="bfloat16")
     assert config.model.dtype == "bfloat16"
     features, mask = text.encode(encoder, fixture["ids"], fixture["mask"])
     assert features.dtype == jnp.float32
@@ -257,7 +265,7 @@ def test_every_parameter_has_logical_axis_names():
 
 def test_tensor_sharded_encoder_matches(toy_dir):
     """heads / mlp sharded over the tensor axis, batch over data: same features as on one device."""
-    _, encoder, tok = t5.load_text_encoder(toy_dir[0])
+    _, encoder, tok = loading.load_text_encoder(toy_dir[0])
     ids, mask = tok(toy_dir[1][:4], 16)
     ref = np.asarray(text.encode(encoder, ids, mask)[0])
     mesh = jax.make_mesh((2, 1, 4), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from helpers import REPO_ROOT
-from varedit_jax import assets, checkpoint, configlib, data, train, transformer
+from varedit_jax import assets, checkpoint, configlib, data, loading, train, train_config, transformer
 
 SMALL = {"model.embed_dim": 64, "model.depth": 2, "model.num_heads": 2, "model.block_chunks": 1,
-         "toy.tokenizer_steps": 4, "toy.num_pairs": 48, "toy.eval_pairs": 8, "batch_size": 8, "log_every": 1,
+         "toy.image_tokenizer_steps": 4, "toy.num_pairs": 48, "toy.eval_pairs": 8, "batch_size": 8, "log_every": 1,
          "eval_batches": 1, "sample_every": -1, "eval_every": -1, "compilation_cache": False}
 
 
@@ -43,13 +43,13 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def parts(cache):
-    """(resolved config, vae, text encoder, text tokenizer, one host batch)."""
+    """(resolved config, image tokenizer, text encoder, text tokenizer, one host batch)."""
     config = assets.resolve(small_config())
-    vae, encoder, text_tok = train._load_frozen(config)
+    vae, encoder, text_tok = loading.load_frozen(config)
     config.data.stride = vae.stride
     ds = data.make_dataset(config.data, seed=0, batch_size=config.batch_size,
                            tokenizer=lambda t, n: text_tok(list(t), n))
-    host, _ = train._host_batch(next(iter(ds)), None)
+    host, _ = train.host_batch(next(iter(ds)), None)
     return config, vae, encoder, text_tok, host
 
 
@@ -113,7 +113,7 @@ def test_init_checkpoint_keeps_matching_tensors_and_drops_the_others(parts, tmp_
     source = transformer.param_dict(transformer.build(other.model, seed=5))
     checkpoint.save_params(tmp_path / "init", source, other)
     config = configlib.override(config, {"init_checkpoint": str(tmp_path / "init")})
-    params = train.initial_params(config)
+    params = loading.load_init_params(config)
     np.testing.assert_array_equal(params["blocks"]["sa"]["mat_qkv"], source["blocks"]["sa"]["mat_qkv"])
     assert params["word_embed"]["kernel"].shape == (16, 64)
     assert "word_embed" in capsys.readouterr().out
@@ -220,7 +220,7 @@ def test_validate_refuses_inconsistent_configs():
     for field, value in (("batch_size", 6), ("conditioning", "none"), ("checkpoint_every", 0)):
         bad = configlib.override(config, {field: value, "grad_accum": 4} if field == "batch_size" else {field: value})
         with pytest.raises(ValueError):
-            train.validate(bad)
+            train_config.validate(bad)
 
 
 @pytest.mark.slow

@@ -1,20 +1,21 @@
-"""Ablation sweeps over the source-conditioning strategies (the paper's Table 3): train one model per strategy with
-the same budget, seeds and data order, evaluate each, and write one table.
+"""Ablation sweeps over the source conditioning (the paper's Table 3): train one model per conditioning (full /
+finest / sar) with the same budget, seeds and data order, evaluate each, and write one table.
 
   python -m varedit_jax.ablate                                    # the tiny CPU sweep on the toy task
-  python -m varedit_jax.ablate --config CFG --strategies full,finest,sar --workdir DIR [--seeds 0,1,2]
-      [--eval-pairs 64] [--cfg 4] [--tau 0.5] [--config.FIELD=VALUE ...]
+  python -m varedit_jax.ablate --config CFG --conditioning full,finest,sar --workdir DIR [--seeds 0,1,2]
+      [--eval-pairs 64] [--guidance 4] [--tau 0.5] [--config.FIELD=VALUE ...]
   python -m varedit_jax.ablate --config configs/varedit_2b_256.py --plan-only     # no training: lengths, sizes, FLOPs
 
-Runs live in DIR/<strategy>/seed<k>/ (training workdirs: an interrupted sweep resumes each run where it stopped; a
+Runs live in DIR/<conditioning>/seed<k>/ (training workdirs: an interrupted sweep resumes each run where it stopped; a
 finished run is not retrained and a finished evaluation, cached in eval.json, is not redone). Evaluation edits the
 held-out toy pairs (`eval_data`, whose exact targets and edit masks are known) with the trained checkpoint and scores
 them with `eval.toy_metrics` (success / preservation / balance on 0-10, the copy-the-source and oracle rows beside).
-Outputs: DIR/results.{md,csv,json} (rows per strategy and seed, mean ± std over seeds) and DIR/grids/*.png (source |
+Outputs: DIR/results.{md,csv,json} (rows per conditioning and seed, mean ± std over seeds) and DIR/grids/*.png (source |
 target | output with the instruction) per run. On a TPU pod (`--distributed`, as `launch/ablate.sh --tpu ...` runs
 it) every process trains and edits together and process 0 writes; DIR must then be a filesystem every host shares.
 """
 import argparse
+import dataclasses
 import json
 import math
 import pathlib
@@ -27,29 +28,30 @@ import numpy as np
 from flax import nnx
 
 from data_pipelines import records
-from varedit_jax import assets, checkpoint, configlib, plan, sampler, schedules, train, transformer
-from varedit_jax.eval import images, report, toy_metrics
+from varedit_jax import (assets, checkpoint, conditioning, configlib, distributed, editor, images, loading, plan,
+                         sampler, schedules, train, train_config, transformer)
+from varedit_jax.eval import report, toy_metrics
+from varedit_jax.train_step import sequence_layout
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-STRATEGIES = ("full", "finest", "sar")
 DEFAULT_CONFIG = REPO / "configs" / "varedit_tiny.py"
 SCORES = ("success", "preservation", "balance")
 
 
-def strategy_config(config: ml_collections.ConfigDict, strategy: str, seed: int) -> ml_collections.ConfigDict:
-    return configlib.override(config, {"conditioning": strategy, "seed": seed})
+def run_config(config: ml_collections.ConfigDict, mode: str, seed: int) -> ml_collections.ConfigDict:
+    return configlib.override(config, {"conditioning": mode, "seed": seed})
 
 
-def plan_rows(config: ml_collections.ConfigDict, strategies, template: str = "1.0") -> list[dict]:
+def plan_rows(config: ml_collections.ConfigDict, modes, template: str = "1.0") -> list[dict]:
     """Rows that need no training: input length, parameters, analytic FLOPs per train step and per edit (CFG: the
     batch of 2, every token through every block once; dense attention)."""
     abstract = nnx.eval_shape(lambda: transformer.Infinity(config.model, rngs=nnx.Rngs(0)))
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(transformer.param_dict(abstract)))
     rows = []
-    for strategy in strategies:
-        c = strategy_config(config, strategy, config.seed)
+    for mode in modes:
+        c = run_config(config, mode, config.seed)
         edit = configlib.override(c, {"batch_size": 2, "model.remat": "none"})
-        rows.append({"strategy": strategy, "input_length": train._layout(c, template).length,
+        rows.append({"conditioning": mode, "input_length": sequence_layout(c, template).length,
                      "parameters": n_params, "train_flops_per_step": f"{plan.analytic_flops(c, template):.3e}",
                      "flops_per_edit": f"{plan.analytic_flops(edit, template, passes=1):.3e}"})
     return rows
@@ -75,7 +77,7 @@ def _arrays(pairs) -> dict:
     return dict(source=src, target=tgt, mask=mask, has_mask=has, instruction=[p["instruction"] for p in pairs])
 
 
-def evaluate_run(run: pathlib.Path, eval_set: dict, *, cfg: float, tau: float, seed: int, grid: pathlib.Path) -> dict:
+def evaluate_run(run: pathlib.Path, eval_set: dict, options: sampler.SamplingOptions, grid: pathlib.Path) -> dict:
     """Edits the eval set with the run's newest checkpoint; per-run row (cached in RUN/eval.json)."""
     root, step = checkpoint.resolve(run)
     cache = run / "eval.json"
@@ -83,14 +85,13 @@ def evaluate_run(run: pathlib.Path, eval_set: dict, *, cfg: float, tau: float, s
         cached = json.loads(cache.read_text())
         if cached.get("checkpoint_step") == step and cached.get("n") == len(eval_set["instruction"]):
             return cached
-    editor = sampler.Editor.from_checkpoint(run)
+    edit = editor.Editor.from_checkpoint(run)
     n = len(eval_set["instruction"])
-    warm = min(editor.batch_size, n)
-    editor.edit(eval_set["source"][:warm], eval_set["instruction"][:warm], cfg=cfg, tau=tau, seed=seed,
-                preprocess="train")  # compile outside the timing
+    warm = min(edit.batch_size, n)
+    edit.edit(eval_set["source"][:warm], eval_set["instruction"][:warm], options,
+              preprocess="train")  # compile outside the timing
     t0 = time.perf_counter()
-    outputs = np.stack(editor.edit(eval_set["source"], eval_set["instruction"], cfg=cfg, tau=tau, seed=seed,
-                                   preprocess="train"))
+    outputs = np.stack(edit.edit(eval_set["source"], eval_set["instruction"], options, preprocess="train"))
     seconds = (time.perf_counter() - t0) / n
     row = toy_metrics.summarize_toy(toy_metrics.toy_scores(eval_set["source"], eval_set["target"], outputs,
                                                            eval_set["mask"], has_mask=eval_set["has_mask"]))
@@ -105,25 +106,24 @@ def evaluate_run(run: pathlib.Path, eval_set: dict, *, cfg: float, tau: float, s
 
 def reference_rows(config, eval_set: dict) -> list[dict]:
     """copy-the-source and oracle (the tokenizer's reconstruction of the true target) rows."""
-    from varedit_jax.convert import vae as convert_vae
-    vae = convert_vae.load_tokenizer(config.vae.path)
+    image_tok = loading.load_image_tokenizer(config.image_tokenizer.path)
     h, w = eval_set["source"].shape[1:3]
     sched = schedules.scale_schedule(schedules.nearest_template(h / w), config.pn)
 
     @jax.jit
     def roundtrip(x):
-        return vae.decode(vae.quantize(vae.encode(x), sched).quantized)
+        return image_tok.decode(image_tok.quantize(image_tok.encode(images.to_model_range(x)), sched).quantized)
 
-    def reconstruct(imgs):
-        return np.asarray(roundtrip(images.to_unit(imgs) * 2.0 - 1.0))
+    def reconstruct(pixels):
+        return np.asarray(roundtrip(pixels))
 
     refs = toy_metrics.reference_scores(eval_set["source"], eval_set["target"], eval_set["mask"],
                                         reconstruct=reconstruct, has_mask=eval_set["has_mask"])
-    return [dict(strategy=name, **toy_metrics.summarize_toy(per)) for name, per in refs.items()]
+    return [dict(conditioning=name, **toy_metrics.summarize_toy(per)) for name, per in refs.items()]
 
 
-def _mean_std(rows: list[dict], strategy: str) -> dict:
-    out = {"strategy": strategy, "seed": "mean ± std"}
+def _mean_std(rows: list[dict], mode: str) -> dict:
+    out = {"conditioning": mode, "seed": "mean ± std"}
     for k in ("input_length", "train_step_s", "final_loss", "s_per_edit", *SCORES):
         values = np.array([r[k] for r in rows if r.get(k) is not None], float)
         if len(values):
@@ -131,36 +131,36 @@ def _mean_std(rows: list[dict], strategy: str) -> dict:
     return out
 
 
-def sweep(config: ml_collections.ConfigDict, strategies, seeds, workdir, *, eval_pairs: int, cfg: float,
-          tau: float) -> list[dict]:
-    """Trains / evaluates every (strategy, seed) run; writes and returns the table rows."""
+def sweep(config: ml_collections.ConfigDict, modes, seeds, workdir, *, eval_pairs: int,
+          options: sampler.SamplingOptions) -> list[dict]:
+    """Trains / evaluates every (conditioning, seed) run; writes and returns the table rows."""
     workdir = pathlib.Path(workdir).expanduser().resolve()
     config = assets.resolve(config)
     eval_set = _arrays(_eval_pairs(config, eval_pairs))
-    rows, per_strategy = [], {}
-    for strategy in strategies:
+    rows, per_mode = [], {}
+    for mode in modes:
         for seed in seeds:
-            run = workdir / strategy / f"seed{seed}"
-            c = strategy_config(config, strategy, seed)
-            print(f"== {strategy} seed {seed}: {run}", flush=True)
+            run = workdir / mode / f"seed{seed}"
+            c = run_config(config, mode, seed)
+            print(f"== {mode} seed {seed}: {run}", flush=True)
             summary = train.train(c, run)
-            ev = evaluate_run(run, eval_set, cfg=cfg, tau=tau, seed=seed,
-                              grid=workdir / "grids" / f"{strategy}_seed{seed}.png")
-            row = {"strategy": strategy, "seed": seed, "input_length": train._layout(c, c.data.templates[0]).length,
+            ev = evaluate_run(run, eval_set, dataclasses.replace(options, seed=seed),
+                              grid=workdir / "grids" / f"{mode}_seed{seed}.png")
+            row = {"conditioning": mode, "seed": seed, "input_length": sequence_layout(c, c.data.templates[0]).length,
                    "steps": summary["step"], "train_step_s": summary["step_time_s"],
                    "final_loss": summary["final_loss"], "s_per_edit": ev["s_per_edit"],
                    **{k: ev[k] for k in SCORES}, "n": ev["n"]}
             rows.append(row)
-            per_strategy.setdefault(strategy, []).append(row)
+            per_mode.setdefault(mode, []).append(row)
     if len(seeds) > 1:
-        rows += [_mean_std(r, s) for s, r in per_strategy.items()]
+        rows += [_mean_std(r, s) for s, r in per_mode.items()]
     rows += reference_rows(config, eval_set)
     if jax.process_index() != 0:
         return rows
-    columns = ["strategy", "seed", "input_length", "steps", "train_step_s", "final_loss", "s_per_edit", *SCORES, "n"]
+    columns = ["conditioning", "seed", "input_length", "steps", "train_step_s", "final_loss", "s_per_edit", *SCORES, "n"]
     paths = report.write_table(rows, workdir, "results", columns=columns,
                                title=f"Conditioning ablation ({config.pn}, {len(seeds)} seed(s), {eval_pairs} "
-                                     f"held-out pairs, cfg {cfg}, tau {tau})")
+                                     f"held-out pairs, guidance {options.guidance}, tau {options.tau})")
     print(paths["md"].read_text())
     print(f"tables: {paths['md']} {paths['csv']} {paths['json']}\ngrids: {workdir / 'grids'}", flush=True)
     return rows
@@ -176,11 +176,12 @@ def _ints(value: str) -> list[int]:
     return out
 
 
-def _strategies(value: str) -> list[str]:
+def _modes(value: str) -> list[str]:
     out = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [v for v in out if v not in STRATEGIES]
+    unknown = [v for v in out if v not in conditioning.EDITING_MODES]
     if not out or unknown:
-        raise argparse.ArgumentTypeError(f"unknown strategies {unknown or value!r}; choose from {','.join(STRATEGIES)}")
+        raise argparse.ArgumentTypeError(f"unknown conditioning {unknown or value!r}; choose from "
+                                         f"{','.join(conditioning.EDITING_MODES)}")
     return out
 
 
@@ -188,11 +189,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m varedit_jax.ablate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (configs/*.py)")
-    parser.add_argument("--strategies", type=_strategies, default=list(STRATEGIES))
+    parser.add_argument("--conditioning", type=_modes, default=list(conditioning.EDITING_MODES),
+                        help="comma-separated conditioning modes to compare (default full,finest,sar)")
     parser.add_argument("--seeds", type=_ints, default=[0])
     parser.add_argument("--workdir", default="runs/ablate_tiny")
     parser.add_argument("--eval-pairs", type=int, default=None, help="held-out pairs to edit (default toy.eval_pairs)")
-    parser.add_argument("--cfg", type=float, default=sampler.DEFAULT_CFG)
+    parser.add_argument("--guidance", type=float, default=sampler.DEFAULT_GUIDANCE)
     parser.add_argument("--tau", type=float, default=sampler.DEFAULT_TAU)
     parser.add_argument("--plan-only", action="store_true", help="print the rows that need no training and exit")
     parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (TPU pods)")
@@ -202,15 +204,13 @@ def main(argv=None) -> int:
     args, overrides = parser.parse_known_args(argv)
     try:
         config = configlib.override(configlib.load(args.config), configlib.parse_overrides(overrides))
-        train.validate(config)
-        if not args.plan_only:
-            train.init_distributed(config, args.distributed, args.coordinator, args.num_processes, args.process_id)
+        train_config.validate(config)
         if args.plan_only:
-            rows = plan_rows(config, args.strategies)
-            print(report.markdown_table(rows))
+            print(report.markdown_table(plan_rows(config, args.conditioning)))
             return 0
-        sweep(config, args.strategies, args.seeds, args.workdir,
-              eval_pairs=args.eval_pairs or config.toy.eval_pairs, cfg=args.cfg, tau=args.tau)
+        distributed.init_distributed(config, args.distributed, args.coordinator, args.num_processes, args.process_id)
+        sweep(config, args.conditioning, args.seeds, args.workdir, eval_pairs=args.eval_pairs or config.toy.eval_pairs,
+              options=sampler.SamplingOptions(guidance=args.guidance, tau=args.tau))
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

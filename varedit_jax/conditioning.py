@@ -37,13 +37,14 @@ from varedit_jax import resample, rope, schedules
 from varedit_jax.attention import SegmentMask
 
 MODES = ("none", "full", "finest", "sar")
+EDITING_MODES = ("full", "finest", "sar")  # the paper's Table 3 ablation
 
 
-def source_mode(arg: str | None) -> str:
-    """A VAREdit conditioning mode from a config argument (default: the official `sar`)."""
+def parse(arg: str | None) -> str:
+    """An editing conditioning (full / finest / sar) from a config argument; None or "" give the official `sar`."""
     mode = arg or "sar"
-    if mode not in MODES or mode == "none":
-        raise ValueError(f"source conditioning must be one of full, finest, sar; got {mode!r}")
+    if mode not in EDITING_MODES:
+        raise ValueError(f"conditioning must be one of {', '.join(EDITING_MODES)}; got {mode!r}")
     return mode
 
 
@@ -187,7 +188,7 @@ def _sequence_layout(conditioning: str, schedule: schedules.Schedule, template: 
                           first_mask=first_mask, first_kv_segment=first_kv_segment, pool_sizes=pool_sizes)
 
 
-def source_tokens(layout: SequenceLayout, source: jax.Array) -> jax.Array:
+def source_segments(layout: SequenceLayout, source: jax.Array) -> jax.Array:
     """The source segments (B, n_source, d) from the source grid (B, h_K, w_K, d): the grid itself (finest, sar)
     or its area resizes to every scale (full); float32."""
     if layout.source_grid is None:

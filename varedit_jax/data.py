@@ -43,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from data_pipelines.records import decode_record, open_records
-from varedit_jax import schedules
+from varedit_jax import images, schedules
 
 log = logging.getLogger(__name__)
 MAX_REPLACEMENTS = 64  # consecutive undecodable records before the pipeline gives up (a broken dataset, not noise)
@@ -82,25 +82,6 @@ def template_for_step(seed: int, step: int, templates: Sequence[str]) -> str:
     return templates[int(np.random.default_rng([seed, step]).integers(len(templates)))]
 
 
-def cover_resize(img: Image.Image, size: tuple[int, int], resample: int) -> np.ndarray:
-    """(H, W[, C]) uint8: `img` resized to cover `size` = (H, W) keeping its aspect ratio, then centre-cropped."""
-    tgt_h, tgt_w = size
-    width, height = img.size
-    if width / height <= tgt_w / tgt_h:
-        resized_w, resized_h = tgt_w, int(tgt_w / (width / height))
-    else:
-        resized_h, resized_w = tgt_h, int((width / height) * tgt_h)
-    # Float truncation can land one pixel short of the template (the official code then returns a smaller crop).
-    resized_h, resized_w = max(resized_h, tgt_h), max(resized_w, tgt_w)
-    arr = np.asarray(img.resize((resized_w, resized_h), resample=resample))
-    y, x = (resized_h - tgt_h) // 2, (resized_w - tgt_w) // 2
-    return arr[y:y + tgt_h, x:x + tgt_w]
-
-
-def to_unit_range(arr: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 in [-1, 1] exactly as torchvision `to_tensor(x)` then `x + x - 1`."""
-    x = arr.astype(np.float32) / np.float32(255)
-    return x + x - np.float32(1)
 
 
 def preprocess(record: dict, size: tuple[int, int]) -> dict:
@@ -113,11 +94,11 @@ def preprocess(record: dict, size: tuple[int, int]) -> dict:
         mask_img = Image.open(io.BytesIO(record["mask"])).convert("L")
         if mask_img.size != src.size:
             mask_img = mask_img.resize(src.size, resample=Image.Resampling.NEAREST)
-        mask = cover_resize(mask_img, size, Image.Resampling.NEAREST)
+        mask = images.cover_resize(mask_img, size, Image.Resampling.NEAREST)
     else:
         mask = np.zeros(size, np.uint8)
-    return {"source": to_unit_range(cover_resize(src, size, Image.Resampling.LANCZOS)),
-            "target": to_unit_range(cover_resize(tgt, size, Image.Resampling.LANCZOS)),
+    return {"source": images.to_model_range(images.cover_resize(src, size, Image.Resampling.LANCZOS)),
+            "target": images.to_model_range(images.cover_resize(tgt, size, Image.Resampling.LANCZOS)),
             "mask": mask, "has_mask": np.bool_(record["mask"] is not None),
             "id": record["id"], "instruction": record["instruction"]}
 

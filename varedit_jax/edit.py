@@ -1,7 +1,7 @@
-"""Instruction-guided image editing from the command line (`sampler.Editor`).
+"""Instruction-guided image editing from the command line (`editor.Editor`).
 
-  python -m varedit_jax.edit --checkpoint CKPT [--vae VAE] [--text-encoder DIR] --image IN.png \
-      --instruction "..." --out OUT.png [--resolution 256|512|1024] [--cfg 4] [--tau 0.5] [--seed 0] \
+  python -m varedit_jax.edit --checkpoint CKPT [--image-tokenizer TOK] [--text-encoder DIR] --image IN.png \
+      --instruction "..." --out OUT.png [--resolution 256|512|1024] [--guidance 4] [--tau 0.5] [--seed 0] \
       [--preprocess official|train] [--top-k 900] [--top-p 0.97] [--negative "..."]
   multi-turn:  --image IN.png --turns "i1" "i2" ... --out OUT.png   (turn t < last also written as OUT.turn<t>.png;
                each turn edits the previous output on the device, seed + t)
@@ -13,8 +13,8 @@
                orbax checkpoint or a configs/*.py file; no weights are read) for a TPU slice and prints its memory.
 
 CKPT: a trained or imported checkpoint (orbax; a training workdir takes its newest step) or official weights.
---vae / --text-encoder override the config's `vae.path` / `text.path` (imported official checkpoints have none).
---cfg / --tau take one value or a comma-separated list with one value per scale.
+--image-tokenizer / --text-encoder override the config's `image_tokenizer.path` / `text.path` (imported official
+checkpoints have none). --guidance / --tau take one value or a comma-separated list with one value per scale.
 --devices N uses the first N devices (default all), batch split over them ("data"), `--tensor` of them per
 model replica (8B).
 
@@ -31,11 +31,9 @@ import jax
 import numpy as np
 from PIL import Image
 
-from varedit_jax import checkpoint, configlib, sampler, schedules, text
-from varedit_jax.convert import io
-from varedit_jax.eval import images as image_io
+from varedit_jax import checkpoint, configlib, editor, images, sampler, schedules, state_dicts, text
 
-_ERRORS = (ValueError, FileNotFoundError, ImportError, io.StateDictMismatch, RuntimeError, FloatingPointError)
+_ERRORS = (ValueError, FileNotFoundError, ImportError, state_dicts.StateDictMismatch, RuntimeError, FloatingPointError)
 
 
 def _floats(value: str) -> float | list[float]:
@@ -50,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m varedit_jax.edit", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="transformer checkpoint / workdir / official weights")
-    p.add_argument("--vae", help="tokenizer: official weights, an imported checkpoint or a toy-tokenizer workdir")
+    p.add_argument("--image-tokenizer", help="image tokenizer: official weights, an imported checkpoint or a "
+                   "toy-tokenizer workdir")
     p.add_argument("--text-encoder", help="text encoder: a Hugging Face folder or a checkpoint")
     p.add_argument("--image", help="input image")
     p.add_argument("--instruction", help="edit instruction")
@@ -59,13 +58,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", help="JSONL file of {image, instruction, out} rows")
     p.add_argument("--resolution", type=int, choices=sorted(schedules.RESOLUTION_TO_PN),
                    help="size class (default: the checkpoint's pn)")
-    p.add_argument("--cfg", type=_floats, default=sampler.DEFAULT_CFG, help="guidance scale (or one per scale)")
+    p.add_argument("--guidance", type=_floats, default=sampler.DEFAULT_GUIDANCE,
+                   help="classifier-free guidance scale (or one per scale)")
     p.add_argument("--tau", type=_floats, default=sampler.DEFAULT_TAU, help="temperature (or one per scale)")
     p.add_argument("--top-k", type=int, default=sampler.DEFAULT_TOP_K, help="top-k per bit (1 = argmax)")
     p.add_argument("--top-p", type=float, default=sampler.DEFAULT_TOP_P, help="top-p per bit (0 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--negative", help="negative prompt for the unconditional branch")
-    p.add_argument("--preprocess", choices=sampler.PREPROCESS, default="official")
+    p.add_argument("--preprocess", choices=editor.PREPROCESS, default="official")
     p.add_argument("--batch-size", type=int, default=None, help="edits per device step (default: the device count)")
     p.add_argument("--devices", type=int, default=0, help="use the first N devices (default: all)")
     p.add_argument("--tensor", type=int, default=1, help="devices per model replica (tensor parallel)")
@@ -96,11 +96,13 @@ def _check_instruction(value) -> str:
 
 
 def _options(args) -> dict:
-    return dict(cfg=args.cfg, tau=args.tau, seed=args.seed, resolution=args.resolution, preprocess=args.preprocess,
-                top_k=args.top_k, top_p=args.top_p)
+    """The keywords of `Editor.edit` / `edit_turns` the flags set."""
+    options = sampler.SamplingOptions(guidance=args.guidance, tau=args.tau, top_k=args.top_k, top_p=args.top_p,
+                                      seed=args.seed)
+    return dict(options=options, resolution=args.resolution, preprocess=args.preprocess)
 
 
-def _editor(args) -> sampler.Editor:
+def _editor(args) -> editor.Editor:
     devices = jax.devices()
     if args.devices:
         if not 1 <= args.devices <= len(devices):
@@ -109,12 +111,12 @@ def _editor(args) -> sampler.Editor:
     if len(devices) % args.tensor:
         raise ValueError(f"--tensor {args.tensor} does not divide the {len(devices)} devices")
     t0 = time.perf_counter()
-    editor = sampler.Editor.from_checkpoint(args.checkpoint, args.vae, args.text_encoder,
-                                            mesh=sampler.inference_mesh(devices, tensor=args.tensor),
-                                            batch_size=args.batch_size)
+    edit = editor.Editor.from_checkpoint(args.checkpoint, args.image_tokenizer, args.text_encoder,
+                                         mesh=sampler.inference_mesh(devices, tensor=args.tensor),
+                                         batch_size=args.batch_size)
     print(f"loaded {args.checkpoint} in {time.perf_counter() - t0:.1f} s ({len(devices)} devices, "
-          f"batch {editor.batch_size})", flush=True)
-    return editor
+          f"batch {edit.batch_size})", flush=True)
+    return edit
 
 
 def _save(image: np.ndarray, path: pathlib.Path) -> None:
@@ -125,14 +127,14 @@ def _save(image: np.ndarray, path: pathlib.Path) -> None:
 def run_single(args, turns: list[str]) -> None:
     for t in turns:
         _check_instruction(t)
-    image = image_io.read(args.image)
-    editor = _editor(args)
+    image = images.read(args.image)
+    edit = _editor(args)
     t0 = time.perf_counter()
-    outs = editor.edit_turns([image], [[t] for t in turns], negative=args.negative, **_options(args))
+    outs = edit.edit_turns([image], [[t] for t in turns], negative=args.negative, **_options(args))
     out = pathlib.Path(args.out)
-    for t, images in enumerate(outs):
+    for t, turn in enumerate(outs):
         path = out if t == len(outs) - 1 else out.with_name(f"{out.stem}.turn{t}{out.suffix}")
-        _save(images[0], path)
+        _save(turn[0], path)
         print(f"turn {t}: {turns[t]!r} -> {path}")
     print(f"edited in {time.perf_counter() - t0:.2f} s (compile included)")
 
@@ -174,20 +176,20 @@ def read_rows(path: pathlib.Path) -> tuple[list[tuple[int, dict]], list[tuple[in
 def run_batch(args) -> int:
     path = pathlib.Path(args.batch)
     rows, bad = read_rows(path)
-    editor = _editor(args) if rows else None
+    edit = _editor(args) if rows else None
     t0, done = time.perf_counter(), 0
-    for start in range(0, len(rows), editor.batch_size if editor else 1):
-        chunk, images = [], []
-        for i, row in rows[start:start + editor.batch_size]:
+    for start in range(0, len(rows), edit.batch_size if edit else 1):
+        chunk, inputs = [], []
+        for i, row in rows[start:start + edit.batch_size]:
             try:
-                images.append(image_io.read(row["image"]))
+                inputs.append(images.read(row["image"]))
                 chunk.append((i, row))
             except (FileNotFoundError, ValueError) as e:
                 bad.append((i, str(e)))
         if not chunk:
             continue
         negs = [row["negative"] for _, row in chunk]
-        outs = editor.edit(images, [row["instruction"] for _, row in chunk], indices=[i for i, _ in chunk],
+        outs = edit.edit(inputs, [row["instruction"] for _, row in chunk], indices=[i for i, _ in chunk],
                            negative=negs if any(n is not None for n in negs) else args.negative, **_options(args))
         for (_, row), image in zip(chunk, outs):
             _save(image, row["out"])

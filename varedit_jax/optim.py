@@ -9,21 +9,15 @@ Config (`config.optim`):
   clip          global-norm gradient clipping (`tclip=5`)
   ema_decay     0 (off, official default) or e.g. 0.9999 per step
 
-No-decay set (official `trainer.py` param groups): every parameter whose official tensor is 1-D or a bias, and every
-name containing one of `NO_DECAY_NAMES`. Parameters are matched to their official names through the converter's key
-table, so the rule is the official one, not a re-guess: decay = Linear weights and fused projections (`mat_qkv`,
-`mat_kv`, `shared_ada_lin`, `head_nm.ada_lin`) except `text_proj_for_sos.ca.mat_q`.
+No-decay set (official `trainer.py` param groups): `transformer.weight_decay` (decay = Linear weights and fused
+projections; the test checks it against the official rule on the exported state dict's names and shapes).
 """
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
-from varedit_jax.convert import infinity as convert_infinity
-
-NO_DECAY_NAMES = ("cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start",
-                  "start_pos", "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul",
-                  "text_proj_for_sos.ca.mat_q")
+from varedit_jax import transformer
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -35,15 +29,9 @@ def _path_keys(path) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
 
 
-def decays(path: tuple) -> bool:
-    """Whether the official trainer decays the parameter at `path` (a key path of the transformer's param dict)."""
-    name, how = convert_infinity.official_key(path)
-    return how in ("linear", "split") and not any(n in name for n in NO_DECAY_NAMES)
-
-
 def decay_mask(params) -> dict:
     """A tree of bools like `params` (the transformer's nested param dict): True = weight decay applies."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: decays(_path_keys(path)), params)
+    return jax.tree_util.tree_map_with_path(lambda path, _: transformer.weight_decay(_path_keys(path)), params)
 
 
 def learning_rate(cfg: ml_collections.ConfigDict) -> optax.Schedule:

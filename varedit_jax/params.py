@@ -2,6 +2,7 @@
 
 `param_dict(model)` is `nnx.to_pure_dict` of the model's Param state (list indices become int keys);
 `load_param_dict(model, params)` writes such a tree back, refusing missing/unexpected keys and shape changes.
+`get_path` / `set_path` read and write one leaf of such a tree by its key path (converters build trees with them).
 """
 import jax
 import jax.numpy as jnp
@@ -32,3 +33,18 @@ def load_param_dict(model: nnx.Module, params: dict) -> None:
     state = nnx.state(model, nnx.Param)
     nnx.replace_by_pure_dict(state, params, replace_fn=lambda var, v: var.replace(jnp.asarray(v, var.dtype)))
     nnx.update(model, state)
+
+
+def get_path(tree, path: tuple):
+    """The node of a nested dict at key `path`; a key missing as given is looked up as a string (list indices of a
+    restored checkpoint come back as "0", "1", ...)."""
+    for key in path:
+        tree = tree[key] if key in tree else tree[str(key)]
+    return tree
+
+
+def set_path(tree: dict, path: tuple, value) -> None:
+    """Sets the leaf at key `path` of a nested dict, creating the dicts on the way."""
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value

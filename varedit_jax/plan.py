@@ -24,7 +24,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from varedit_jax import configlib, metrics, schedules, topology, train
+from varedit_jax import configlib, loading, metrics, schedules, topology, train
+from varedit_jax.train_step import sequence_layout
 
 
 def _bytes_per_device(abstract_tree) -> int:
@@ -42,7 +43,7 @@ def analytic_flops(config: ml_collections.ConfigDict, template: str, passes: int
     gives a forward (an edit: batch 2 with CFG)."""
     if passes is None:
         passes = 4 if config.model.remat == "full" else 3
-    return config.batch_size * passes * metrics.transformer_flops(config.model, train._layout(config, template),
+    return config.batch_size * passes * metrics.transformer_flops(config.model, sequence_layout(config, template),
                                                                   config.text.max_len)
 
 
@@ -53,14 +54,14 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, template: str = "1.
     config.model.attention_impl = "splash"
     config.text.cache = False
     mesh = train.make_mesh(config, topology.topology_devices(slice_name))
-    vae, encoder = train.abstract_frozen(config)
-    trainer = train.Trainer(config, mesh, vae, encoder)
+    image_tok, text_encoder = loading.abstract_frozen(config)
+    trainer = train.Trainer(config, mesh, image_tok, text_encoder)
     state = trainer.abstract_state()
     frozen = tuple(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nnx.state(m), sh)
-                   for m, sh in zip((vae, encoder), trainer.frozen_shardings))
+                   for m, sh in zip((image_tok, text_encoder), trainer.frozen_shardings))
     batch = trainer.batch_spec(template)
     n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(state.params))
-    layout = train._layout(config, template)
+    layout = sequence_layout(config, template)
     report = {
         "config": {"kind": config.kind, "conditioning": config.conditioning, "pn": config.pn, "template": template,
                    "batch_size": config.batch_size, "grad_accum": config.grad_accum, "remat": config.model.remat,

@@ -87,10 +87,11 @@ def split_scales(seq: jax.Array, schedule: Schedule) -> list[jax.Array]:
     return [seq[:, offsets[k]:offsets[k + 1]] for k in range(len(sizes))]
 
 
-def source_tokens(features: jax.Array, schedule: Schedule, patchify: bool = False) -> jax.Array:
-    """VAREdit's source tokens: raw (unquantized) features area-resized to the finest VAE scale, (B, hw, D)."""
-    vae_sched = vae_schedule(schedule, patchify)
-    return to_tokens(resample.area_resize(features.astype(jnp.float32), vae_sched[-1]), patchify)
+def source_grid(features: jax.Array, schedule: Schedule, patchify: bool = False) -> jax.Array:
+    """VAREdit's source: the tokenizer's raw (unquantized) features area-resized to the finest VAE scale, in the
+    transformer's token space as a grid (B, h_K, w_K, D) (D = d, or 4d with the 2x2 patchify)."""
+    grid = resample.area_resize(features.astype(jnp.float32), vae_schedule(schedule, patchify)[-1])
+    return resample.pixel_unshuffle(grid, 2) if patchify else grid
 
 
 # ----------------------------------------------------------------------------------------------------------------

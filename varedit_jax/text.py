@@ -23,9 +23,11 @@ Features: `encode` gives the padded form (B, T, C) float32 + mask (B, T) of Infi
 mask.sum(-1), `</s>` included); rows past lens are zero. `pack` turns it into the official `(kv_compact, lens,
 cu_seqlens_k)`. T is static (config `text_max_len`, official 512) so accelerator shapes are static.
 
-Weights come from a Hugging Face folder or an orbax checkpoint through `varedit_jax.convert.t5` (`load_text_encoder`,
-`build_toy_text_encoder` for the tiny CPU default).
+Stored text encoders (`encoder_config`): an orbax checkpoint of kind "t5" whose config holds `model`,
+`text_max_len` and `spiece_proto` (the sentencepiece model, base64), so it loads with no other file
+(`loading.load_text_encoder`, which also reads Hugging Face folders).
 """
+import base64
 import math
 import pathlib
 
@@ -36,8 +38,12 @@ import numpy as np
 import sentencepiece as spm
 from flax import nnx
 
+from varedit_jax.params import load_param_dict
+
 PAD_ID, EOS_ID = 0, 1
 SPIECE_FILE = "spiece.model"
+KIND = "t5"
+DEFAULT_TEXT_MAX_LEN = 512
 _PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -58,6 +64,22 @@ def default_model_config(**overrides) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown text encoder config fields {unknown}")
     cfg.update(overrides)
     return cfg
+
+
+def encoder_config(model_cfg: ml_collections.ConfigDict, text_max_len: int = DEFAULT_TEXT_MAX_LEN,
+                   spiece_proto: bytes | None = None) -> ml_collections.ConfigDict:
+    """The stored text-encoder config: kind, model, text_max_len, spiece_proto (base64, when given)."""
+    config = ml_collections.ConfigDict({"kind": KIND, "model": model_cfg.to_dict(), "text_max_len": text_max_len})
+    if spiece_proto is not None:
+        config.spiece_proto = base64.b64encode(spiece_proto).decode("ascii")
+    return config
+
+
+def spiece_proto(config: ml_collections.ConfigDict) -> bytes:
+    """The serialized sentencepiece model stored in a text-encoder config."""
+    if not config.get("spiece_proto"):
+        raise ValueError("the text encoder config carries no sentencepiece model (spiece_proto)")
+    return base64.b64decode(config.spiece_proto)
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
@@ -214,6 +236,13 @@ class T5Encoder(nnx.Module):
 
 
 # ------------------------------------------------------------------------------------------------- features
+def build(model_cfg: ml_collections.ConfigDict, params: dict) -> T5Encoder:
+    """A T5Encoder of `model_cfg` holding `params` (built abstractly, no random init)."""
+    model = nnx.eval_shape(lambda: T5Encoder(model_cfg, rngs=nnx.Rngs(0)))
+    load_param_dict(model, params)
+    return model
+
+
 def encode(encoder: T5Encoder, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """ids (B, T) int32, mask (B, T) -> (features (B, T, C) float32 with zero rows past each length, mask bool).
 
@@ -223,6 +252,27 @@ def encode(encoder: T5Encoder, ids: jax.Array, mask: jax.Array) -> tuple[jax.Arr
     mask = mask.astype(bool)
     features = encoder(ids, mask)
     return jax.lax.stop_gradient(jnp.where(mask[..., None], features, 0.0)), mask
+
+
+class FeatureCache:
+    """Host cache instruction -> frozen-encoder features (float32 (T, Ct)), each distinct instruction encoded once
+    (the training option `text.cache`); cleared when it would exceed `max_items`."""
+
+    def __init__(self, encoder: T5Encoder, max_items: int = 100_000):
+        graphdef, state = nnx.split(encoder)
+        self._encode = jax.jit(lambda s, ids, m: encode(nnx.merge(graphdef, s), ids, m)[0].astype(jnp.float32))
+        self._state, self._store, self.max_items = state, {}, max_items
+
+    def __call__(self, instructions, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """instructions (B,) with their token ids / mask (B, T) -> features (B, T, Ct) float32."""
+        missing = [i for i, s in enumerate(instructions) if str(s) not in self._store]
+        if missing:
+            feats = np.asarray(self._encode(self._state, ids, mask))
+            if len(self._store) + len(missing) > self.max_items:
+                self._store.clear()
+            for i in missing:
+                self._store[str(instructions[i])] = feats[i]
+        return np.stack([self._store[str(s)] for s in instructions])
 
 
 def pack(features, mask) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

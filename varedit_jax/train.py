@@ -5,22 +5,14 @@
 Re-running the same command resumes from the newest checkpoint in the workdir. Multi-host (TPU pods): add
 `--distributed` (every host runs the same command; `jax.distributed.initialize()` finds the coordinator), or
 `--coordinator HOST:PORT --num_processes N --process_id I` explicitly (also how the tests run 2 local processes).
+The config's fields: `varedit_jax.train_config`.
 
-The step (`Trainer.step`, compiled once per aspect template, state donated):
-  source image -> frozen tokenizer -> continuous features -> the transformer's source grid (never quantized)
-  target image -> frozen tokenizer -> features -> `flip_requant` with bitwise self-correction -> inputs + bit labels
-  instruction  -> frozen flan-T5 (compute dtype `text.dtype`) in the step, or host-cached features (`text.cache`);
-                  `text.drop_rate` of the samples get the learned `cfg_uncond` (CFG training)
-  transformer (`conditioning`: full / finest / sar; compute dtype `model.dtype`, fp32 master weights, remat from
-  `model.remat`) -> per-bit CE (official weighting) -> grads (`grad_accum` micro-batches, scanned) -> clip + AdamW
-  -> optional EMA. A step whose loss or gradients are not finite leaves the state unchanged and is counted;
-  `max_nonfinite_steps` in a row save a checkpoint and stop the run.
-RNG: step s uses `fold_in(key(seed), s)`, so a resumed run draws exactly what a straight run draws.
+The step: `varedit_jax.train_step` (pure), jitted by `Trainer.step_fn` once per aspect template, state donated.
 
 Workdir:
-  checkpoints/<step>/  orbax items: params (the model's param dict), train_state (optimizer state, EMA, counters),
-                       data (grain iterator state, one file per process), config (the resolved config as JSON) -
-                       `edit`, `convert export` and `ablate` take the workdir, the checkpoints dir or a step dir.
+  checkpoints/<step>/  params, train_state (optimizer state, EMA, counters), data (grain iterator state, one file per
+                       process), config (`checkpoint.TrainCheckpoints`) - `edit`, `convert export` and `ablate` take
+                       the workdir, the checkpoints dir or a step dir.
   metrics.jsonl, tb/   see `varedit_jax.metrics`;   samples/step_<n>.png   sample edits of held-out pairs
 Preemption: SIGTERM (and SIGINT) finish the current step, save a checkpoint and return.
 """
@@ -28,8 +20,8 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import pathlib
-import signal
 import statistics
 import sys
 import time
@@ -41,198 +33,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import app, flags, logging
-from flax import nnx, struct
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from data_pipelines import records
-from varedit_jax import (assets, checkpoint, conditioning, configlib, data, metrics, optim, quantizer, sampler,
-                         schedules, sharding, text, tokenizer, topology, transformer)
-from varedit_jax.convert import infinity as convert_infinity
-from varedit_jax.convert import t5 as convert_t5
-from varedit_jax.convert import vae as convert_vae
-from varedit_jax.eval import images, report
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
-ITEMS = ("params", "train_state", "data", "config")
-
-
-# ------------------------------------------------------------------------------------------------ config
-def default_config(model: ml_collections.ConfigDict, *, conditioning_mode: str, pn: str) -> ml_collections.ConfigDict:
-    """Every field of a training config (the model's fields under `model`); configs/*.py override what differs."""
-    c = ml_collections.ConfigDict()
-    c.kind = "varedit"
-    c.conditioning = conditioning_mode
-    c.pn = pn
-    c.model = model
-    c.seed = 0
-    c.total_steps = 1000
-    c.batch_size = 8                     # global batch (per optimizer step)
-    c.grad_accum = 1                     # micro-batches per step (batch_size must divide by it)
-    c.checkpoint_every = 500
-    c.keep_checkpoints = 3
-    c.init_checkpoint = ""               # Infinity / VAREdit weights or checkpoint to start from (stage 1 / stage 2)
-    c.max_nonfinite_steps = 20
-    c.log_every = 10
-    c.eval_every = 0                     # validation loss every N steps (0: only at the end)
-    c.eval_batches = 2
-    c.sample_every = 0                   # sample edit grid every N steps (0: only at the end; -1: never)
-    c.sample_count = 8
-    c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=3))  # jax.profiler window (-1: off)
-    c.compilation_cache = True
-    c.vae = ml_collections.ConfigDict(dict(path="", config=str(REPO / "configs/vae_d32.py")))
-    c.text = ml_collections.ConfigDict(dict(path="", config=str(REPO / "configs/flan_t5_xl.py"), max_len=512,
-                                            dtype="bfloat16", cache=False, drop_rate=0.1))
-    c.bsc = ml_collections.ConfigDict(dict(noise_apply_layers=13, noise_apply_strength=0.3, requant=True))
-    c.loss = ml_collections.ConfigDict(dict(reweight_by_scale=True, label_smoothing=0.0))
-    c.optim = optim.default_config()
-    c.data = data.default_config()
-    c.data.pn = pn
-    c.eval_data = data.default_config()
-    c.eval_data.pn = pn
-    c.eval_data.shuffle = False
-    c.toy = assets.default_toy_config()
-    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=tuple(tuple(r) for r in sharding.DEFAULT_RULES)))
-    return c
-
-
-def paper_config(size: str, pn: str, arg: str | None, *, batch_size: int, lr: float, total_steps: int,
-                 init_checkpoint: str = "") -> ml_collections.ConfigDict:
-    """A released VAREdit shape ("2b" / "8b", `transformer.OFFICIAL_SHAPES`) with the paper's training recipe: bf16
-    compute, full-block remat, FSDP over every device, flan-T5-XL text, the d32 / d56 tokenizer, BSC on every
-    scale, constant LR. `arg` selects the conditioning (default sar)."""
-    model = transformer.default_model_config(**transformer.OFFICIAL_SHAPES[size], dtype="bfloat16", remat="full")
-    c = default_config(model, conditioning_mode=conditioning.source_mode(arg), pn=pn)
-    c.batch_size, c.total_steps, c.init_checkpoint = batch_size, total_steps, init_checkpoint
-    c.optim.lr = lr
-    c.checkpoint_every, c.eval_every, c.sample_every = 1000, 1000, 1000
-    c.vae.config = str(REPO / ("configs/vae_d32.py" if size == "2b" else "configs/vae_d56.py"))
-    c.mesh.shape = (1, -1, 1)
-    return c
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError for inconsistent settings (before anything is built)."""
-    if config.conditioning not in conditioning.MODES:
-        raise ValueError(f"conditioning must be one of {conditioning.MODES}, got {config.conditioning!r}")
-    if (config.kind == "varedit") == (config.conditioning == "none"):
-        raise ValueError(f"kind {config.kind!r} does not go with conditioning {config.conditioning!r}")
-    if config.total_steps < 0 or config.checkpoint_every <= 0 or config.keep_checkpoints <= 0:
-        raise ValueError("total_steps >= 0, checkpoint_every > 0 and keep_checkpoints > 0 are required")
-    if config.batch_size <= 0 or config.batch_size % config.grad_accum:
-        raise ValueError(f"batch_size {config.batch_size} must be a positive multiple of grad_accum "
-                         f"{config.grad_accum}")
-    if config.data.pn != config.pn:
-        raise ValueError(f"data.pn {config.data.pn} != pn {config.pn}")
-
-
-# ------------------------------------------------------------------------------------------------ state
-@struct.dataclass
-class TrainState:
-    """Everything the step changes. params / ema: the transformer's param dict (fp32 master weights)."""
-    step: jax.Array           # () int32, optimizer steps taken (skipped steps included)
-    params: Any
-    opt_state: Any
-    ema: Any                  # None when config.optim.ema_decay == 0
-    bad_steps: jax.Array      # () int32, consecutive non-finite steps
-    skipped: jax.Array        # () int32, non-finite steps so far
-
-
-@dataclasses.dataclass(frozen=True)
-class Frozen:
-    """The frozen tokenizer and text encoder, split into static graphdefs and their (sharded) states."""
-    vae_graphdef: Any
-    vae_state: Any
-    text_graphdef: Any
-    text_state: Any
-
-
-def _layout(config, template: str) -> conditioning.SequenceLayout:
-    return conditioning.sequence_layout(config.conditioning, schedules.scale_schedule(template, config.pn), template)
-
-
-def _scale_offsets(schedule) -> np.ndarray:
-    return np.cumsum([0] + [h * w for h, w in schedule])
-
-
-def compute_loss(params, graphdef, frozen_models, batch: dict, key, *, config, layout, train: bool):
-    """(loss, metrics) of one (micro-)batch; see the module docstring. frozen_models = (vae, text encoder)."""
-    vae, encoder = frozen_models
-    model_cfg = config.model
-    k_bsc, k_drop, k_path = jax.random.split(key, 3)
-    schedule = layout.schedule
-    features = jax.lax.stop_gradient(vae.encode(jnp.concatenate([batch["source"], batch["target"]])))
-    src_features, tgt_features = jnp.split(features, 2)
-    inputs = quantizer.flip_requant(tgt_features, schedule, k_bsc if train else None, patchify=model_cfg.patchify,
-                                    noise_apply_layers=config.bsc.noise_apply_layers,
-                                    noise_apply_strength=config.bsc.noise_apply_strength, requant=config.bsc.requant)
-    source = None
-    if layout.source_grid is not None:
-        tokens = quantizer.source_tokens(src_features, schedule, model_cfg.patchify)
-        source = tokens.reshape((tokens.shape[0],) + layout.source_grid + (tokens.shape[-1],))
-    if "text_feats" in batch:
-        feats, mask = batch["text_feats"], batch["text_mask"]
-    else:
-        feats, mask = text.encode(encoder, batch["text_ids"], batch["text_mask"])
-    feats = jax.lax.stop_gradient(feats.astype(jnp.float32))
-    b = feats.shape[0]
-    drop = jax.random.bernoulli(k_drop, config.text.drop_rate, (b,)) if train else jnp.zeros((b,), bool)
-    model = nnx.merge(graphdef, params)
-    logits = model(feats, mask, drop, source, inputs.x_BLC_wo_prefix, layout, dropout_key=k_path if train else None)
-    loss, per_bit = transformer.bitwise_loss(logits, inputs.gt_bits, schedule,
-                                             reweight_by_scale=config.loss.reweight_by_scale,
-                                             label_smoothing=config.loss.label_smoothing)
-    per_token = per_bit.mean((0, 2))
-    offsets = _scale_offsets(schedule)
-    out = {"loss": loss, "bit_accuracy": transformer.bit_accuracy(logits, inputs.gt_bits).mean()}
-    out.update({f"loss_scale{k}": per_token[offsets[k]:offsets[k + 1]].mean() for k in range(len(schedule))})
-    return loss, out
-
-
-def _microbatches(batch: dict, n: int) -> dict:
-    """(B, ...) -> (n, B / n, ...) with micro-batch i = rows i, i + n, ... (each device keeps its own rows)."""
-    return jax.tree.map(lambda x: x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1), batch)
-
-
-def train_step(state: TrainState, frozen_states, batch: dict, *, graphdef, frozen: Frozen, tx, config,
-               layout) -> tuple[TrainState, dict]:
-    """One optimizer step (pure; jitted by `Trainer` with `state` donated)."""
-    models = (nnx.merge(frozen.vae_graphdef, frozen_states[0]), nnx.merge(frozen.text_graphdef, frozen_states[1]))
-    key = jax.random.fold_in(jax.random.key(config.seed), state.step)
-    grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
-    loss_of = functools.partial(grad_fn, graphdef=graphdef, frozen_models=models, config=config, layout=layout,
-                                train=True)
-    n = config.grad_accum
-    if n == 1:
-        (_, aux), grads = loss_of(state.params, batch=batch, key=key)
-    else:
-        def body(carry, xs):
-            micro, i = xs
-            (_, m), g = loss_of(state.params, batch=micro, key=jax.random.fold_in(key, i))
-            return jax.tree.map(jnp.add, carry, (m, g)), None
-        zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: loss_of(state.params, batch=jax.tree.map(
-            lambda x: x[0], _microbatches(batch, n)), key=key))[0][1]), jax.tree.map(jnp.zeros_like, state.params)
-        (aux, grads), _ = jax.lax.scan(body, zero, (_microbatches(batch, n), jnp.arange(n)))
-        aux, grads = jax.tree.map(lambda x: x / n, (aux, grads))
-    grad_norm = optim.global_norm(grads)
-    finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = None if state.ema is None else optim.update_ema(state.ema, params, config.optim.ema_decay)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new = TrainState(step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
-                     ema=None if ema is None else keep(ema, state.ema),
-                     bad_steps=jnp.where(finite, 0, state.bad_steps + 1), skipped=state.skipped + (~finite))
-    lr = optim.learning_rate(config.optim)(state.step)
-    return new, dict(aux, grad_norm=grad_norm, lr=lr, finite=finite, skipped=new.skipped)
-
-
-def eval_step(params, frozen_states, batch: dict, *, graphdef, frozen: Frozen, config, layout) -> dict:
-    models = (nnx.merge(frozen.vae_graphdef, frozen_states[0]), nnx.merge(frozen.text_graphdef, frozen_states[1]))
-    return compute_loss(params, graphdef, models, batch, jax.random.key(0), config=config, layout=layout,
-                        train=False)[1]
+from varedit_jax import (assets, checkpoint, data, distributed, editor, images, loading, metrics, optim, schedules,
+                         sharding, text, topology, train_config, transformer)
+from varedit_jax.eval import report
+from varedit_jax.train_step import Frozen, TrainState, eval_step, sequence_layout, train_step
 
 
 # ------------------------------------------------------------------------------------------------ the trainer
@@ -242,32 +52,22 @@ def make_mesh(config, devices=None) -> jax.sharding.Mesh:
                               tensor=tensor)
 
 
-def abstract_frozen(config) -> tuple[Any, Any]:
-    """Abstract (vae, text encoder) from `vae.config` / `text.config` files (no weights; for AOT planning)."""
-    vae_cfg = configlib.load(config.vae.config).model
-    text_cfg = configlib.load(config.text.config).model
-    text_cfg.dtype = config.text.dtype
-    return (nnx.eval_shape(lambda: tokenizer.AutoEncoder(vae_cfg, rngs=nnx.Rngs(0))),
-            nnx.eval_shape(lambda: text.T5Encoder(text_cfg, rngs=nnx.Rngs(0))))
-
-
 class Trainer:
     """Holds the static parts of a run (mesh, graphdefs, optimizer, shardings) and compiles the step per template."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, vae, encoder):
-        """vae / encoder: the frozen tokenizer and text encoder (real or `nnx.eval_shape` abstract ones)."""
+    def __init__(self, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, image_tok, text_encoder):
+        """image_tok / text_encoder: the frozen models (real or `nnx.eval_shape` abstract ones)."""
         self.config, self.mesh = config, mesh
-        self.stride = vae.stride
+        self.stride = image_tok.stride
         self.rules = config.mesh.rules
         abstract = nnx.eval_shape(lambda: transformer.Infinity(config.model, rngs=nnx.Rngs(0)))
         self.graphdef, abstract_params = nnx.split(abstract, nnx.Param)
         self.param_shardings = nnx.to_pure_dict(sharding.param_shardings(abstract_params, mesh, self.rules))
         self.abstract_params = nnx.to_pure_dict(abstract_params)
         self.tx = optim.make(config.optim, self.abstract_params)
-        vae_graphdef, vae_state = nnx.split(vae)
-        text_graphdef, text_state = nnx.split(encoder)
-        self.frozen = Frozen(vae_graphdef, None, text_graphdef, None)
-        self.frozen_shardings = (sharding.param_shardings(vae_state, mesh, self.rules),
+        (tok_graphdef, tok_state), (text_graphdef, text_state) = nnx.split(image_tok), nnx.split(text_encoder)
+        self.frozen = Frozen(tok_graphdef, text_graphdef)
+        self.frozen_shardings = (sharding.param_shardings(tok_state, mesh, self.rules),
                                  sharding.param_shardings(text_state, mesh, self.rules))
         self.state_shardings = self._state_shardings()
         self._steps: dict = {}
@@ -277,7 +77,9 @@ class Trainer:
     def _state_shardings(self) -> TrainState:
         replicated = NamedSharding(self.mesh, P())
         opt_abstract = jax.eval_shape(self.tx.init, self.abstract_params)
-        opt = optax_tree_map_params(self.tx, opt_abstract, self.param_shardings, replicated)
+        opt = optax.tree_map_params(self.tx, lambda _, s: s, opt_abstract, self.param_shardings,
+                                    transform_non_params=lambda _: replicated,
+                                    is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
         return TrainState(step=replicated, params=self.param_shardings, opt_state=opt,
                           ema=self.param_shardings if self.config.optim.ema_decay > 0 else None,
                           bad_steps=replicated, skipped=replicated)
@@ -298,6 +100,12 @@ class Trainer:
         params = sharding.place(params, self.param_shardings)
         return jax.jit(self.init_state_fn, out_shardings=self.state_shardings)(params)
 
+    def restore_state(self, checkpoints: checkpoint.TrainCheckpoints, step: int, iterator) -> TrainState:
+        """The TrainState of checkpoint `step`, restored into the training shardings (`iterator` set in place)."""
+        abstract = self.abstract_state()
+        params, rest = checkpoints.restore(step, abstract.params, abstract.rest(), iterator)
+        return TrainState(step=sharding.place(np.int32(step), abstract.step.sharding), params=params, **rest)
+
     def check_sharding(self, state: TrainState) -> None:
         """Raises if any parameter is not laid out as the logical rules say."""
         bad = [jax.tree_util.keystr(path) for path, a, s in
@@ -307,9 +115,9 @@ class Trainer:
         if bad:
             raise RuntimeError(f"parameters not sharded as the rules say: {bad[:5]}")
 
-    def place_frozen(self, vae, encoder):
-        return (sharding.place(nnx.state(vae), self.frozen_shardings[0]),
-                sharding.place(nnx.state(encoder), self.frozen_shardings[1]))
+    def place_frozen(self, image_tok, text_encoder):
+        return (sharding.place(nnx.state(image_tok), self.frozen_shardings[0]),
+                sharding.place(nnx.state(text_encoder), self.frozen_shardings[1]))
 
     @property
     def batch_sharding(self) -> NamedSharding:
@@ -321,7 +129,7 @@ class Trainer:
         """The jitted train step of an aspect template (jit compiles once per batch shape)."""
         if template not in self._steps:
             fn = functools.partial(train_step, graphdef=self.graphdef, frozen=self.frozen, tx=self.tx,
-                                   config=self.config, layout=_layout(self.config, template))
+                                   config=self.config, layout=sequence_layout(self.config, template))
             self._steps[template] = jax.jit(
                 fn, donate_argnums=(0,), in_shardings=(self.state_shardings, self.frozen_shardings,
                                                        self.batch_sharding),
@@ -332,7 +140,7 @@ class Trainer:
         if template not in self._evals:
             self._evals[template] = jax.jit(functools.partial(
                 eval_step, graphdef=self.graphdef, frozen=self.frozen, config=self.config,
-                layout=_layout(self.config, template)))
+                layout=sequence_layout(self.config, template)))
         return self._evals[template]
 
     def batch_spec(self, template: str) -> dict:
@@ -348,109 +156,9 @@ class Trainer:
         return {k: jax.ShapeDtypeStruct(s, d, sharding=self.batch_sharding) for k, (s, d) in spec.items()}
 
 
-def optax_tree_map_params(tx, opt_abstract, param_tree, other):
-    """The optimizer state's tree with param-shaped subtrees replaced by `param_tree` and every other leaf by
-    `other` (shardings of the optimizer state from the params')."""
-    return optax.tree_map_params(tx, lambda _, s: s, opt_abstract, param_tree, transform_non_params=lambda _: other,
-                                 is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-def _manager(workdir: pathlib.Path, config) -> ocp.CheckpointManager:
-    import grain
-    handlers = {"params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, enable_async_checkpointing=True,
-                                           create=True)
-    return ocp.CheckpointManager(workdir / "checkpoints", options=options, item_handlers=handlers)
-
-
-def _save(mngr, state: TrainState, iterator, config, *, wait: bool = False) -> int:
-    import grain
-    step = int(jax.device_get(state.step))
-    rest = {"opt_state": state.opt_state, "ema": state.ema, "bad_steps": state.bad_steps, "skipped": state.skipped}
-    mngr.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params), train_state=ocp.args.StandardSave(rest),
-        data=grain.checkpoint.CheckpointSave(iterator), config=ocp.args.JsonSave(checkpoint.config_to_json(config))),
-        force=True)
-    if wait:
-        mngr.wait_until_finished()
-    return step
-
-
-def _restore(mngr, step: int, abstract: TrainState, iterator) -> TrainState:
-    import grain
-    rest = {"opt_state": abstract.opt_state, "ema": abstract.ema, "bad_steps": abstract.bad_steps,
-            "skipped": abstract.skipped}
-    out = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract.params), train_state=ocp.args.StandardRestore(rest),
-        data=grain.checkpoint.CheckpointRestore(iterator)))
-    r = out["train_state"]
-    return TrainState(step=sharding.place(np.int32(step), abstract.step.sharding), params=out["params"],
-                      opt_state=r["opt_state"], ema=r["ema"], bad_steps=r["bad_steps"], skipped=r["skipped"])
-
-
-def initial_params(config) -> dict:
-    """Random init (seed), or `init_checkpoint` with shape-mismatched / missing tensors left at init (logged)."""
-    model = transformer.build(config.model, seed=config.seed)
-    params = transformer.param_dict(model)
-    if not config.init_checkpoint:
-        return params
-    _, source = convert_infinity.load_transformer(config.init_checkpoint)
-    loaded = transformer.param_dict(source)
-    dropped = []
-
-    def take(path, mine):
-        try:
-            theirs = functools.reduce(lambda t, k: t[getattr(k, "key", getattr(k, "idx", k))], path, loaded)
-        except (KeyError, IndexError, TypeError):
-            dropped.append(f"{jax.tree_util.keystr(path)} (missing)")
-            return mine
-        if np.shape(theirs) != np.shape(mine):
-            dropped.append(f"{jax.tree_util.keystr(path)} {np.shape(theirs)} -> {np.shape(mine)}")
-            return mine
-        return jnp.asarray(theirs, mine.dtype)
-
-    params = jax.tree_util.tree_map_with_path(take, params)
-    print(f"initialised from {config.init_checkpoint}; kept at init (shape mismatch / missing): "
-          f"{dropped if dropped else 'none'}", flush=True)
-    return params
-
-
 # ------------------------------------------------------------------------------------------------ the loop
-class _Preemption:
-    """SIGTERM / SIGINT set a flag; the loop saves and returns after the current step."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: no handler
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        self.requested = True
-        print(f"signal {signum}: saving a checkpoint after this step", flush=True)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def _load_frozen(config):
-    vae = convert_vae.load_tokenizer(config.vae.path)
-    _, encoder, text_tok = convert_t5.load_text_encoder(config.text.path, dtype=config.text.dtype)
-    return vae, encoder, text_tok
-
-
-def _host_batch(local: dict, text_cache) -> tuple[dict, np.ndarray]:
-    """The numeric fields the step takes (text features from the cache when on) + the record ids."""
+def host_batch(local: dict, text_cache: text.FeatureCache | None) -> tuple[dict, np.ndarray]:
+    """The numeric fields of a local batch the step takes (text features from the cache when on) + the record ids."""
     out = {k: local[k] for k in ("source", "target", "text_mask")}
     if text_cache is None:
         out["text_ids"] = local["text_ids"]
@@ -459,27 +167,101 @@ def _host_batch(local: dict, text_cache) -> tuple[dict, np.ndarray]:
     return out, local["id"]
 
 
-class TextCache:
-    """`text.cache`: instruction -> frozen-encoder features, computed once per distinct instruction (host memory)."""
+@dataclasses.dataclass
+class Run:
+    """One training call: the trainer, its frozen models and data, the checkpoints and metric sinks."""
+    config: ml_collections.ConfigDict
+    workdir: pathlib.Path
+    trainer: Trainer
+    frozen_states: tuple
+    models: tuple                          # (image tokenizer, text encoder, text tokenizer) on the host
+    text_cache: text.FeatureCache | None
+    iterator: Any
+    checkpoints: checkpoint.TrainCheckpoints
+    writer: metrics.Writer
+    peak_flops: float
 
-    def __init__(self, encoder, max_items: int = 100_000):
-        graphdef, state = nnx.split(encoder)
-        self._encode = jax.jit(lambda s, ids, m: text.encode(nnx.merge(graphdef, s), ids, m)[0].astype(jnp.float32))
-        self._state, self._store, self.max_items = state, {}, max_items
+    def tokenize(self, texts, n):
+        return self.models[2](list(texts), n)
 
-    def __call__(self, instructions, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        missing = [i for i, s in enumerate(instructions) if str(s) not in self._store]
-        if missing:
-            feats = np.asarray(self._encode(self._state, ids, mask))
-            if len(self._store) + len(missing) > self.max_items:
-                self._store.clear()
-            for i in missing:
-                self._store[str(instructions[i])] = feats[i]
-        return np.stack([self._store[str(s)] for s in instructions])
+    def host_batch(self, local: dict) -> tuple[dict, np.ndarray]:
+        return host_batch(local, self.text_cache)
+
+    def save(self, state: TrainState, *, wait: bool = False) -> None:
+        self.checkpoints.save(int(jax.device_get(state.step)), state.params, state.rest(), self.iterator,
+                              self.config, wait=wait)
 
 
-def _digest(ids) -> int:
-    return zlib.crc32("\n".join(map(str, ids)).encode())
+def _open_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[Run, TrainState]:
+    """Builds everything a run needs and restores (or initialises) the state."""
+    mesh = make_mesh(config)
+    image_tok, text_encoder, text_tokenizer = loading.load_frozen(config)
+    config.data.stride = config.eval_data.stride = image_tok.stride
+    trainer = Trainer(config, mesh, image_tok, text_encoder)
+    tok = lambda texts, n: text_tokenizer(list(texts), n)  # noqa: E731
+    iterator = iter(data.make_dataset(config.data, seed=config.seed, batch_size=config.batch_size, tokenizer=tok))
+    checkpoints = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints)
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        state = trainer.restore_state(checkpoints, latest, iterator)
+        print(f"resumed {workdir} at step {latest}", flush=True)
+    else:
+        state = trainer.init_state(loading.load_init_params(config))
+    trainer.check_sharding(state)
+    start = int(jax.device_get(state.step))
+    run = Run(config, workdir, trainer, trainer.place_frozen(image_tok, text_encoder),
+              (image_tok, text_encoder, text_tokenizer),
+              text.FeatureCache(text_encoder) if config.text.cache else None, iterator, checkpoints,
+              metrics.Writer(workdir, config.total_steps, start, enabled=jax.process_index() == 0),
+              metrics.peak_flops())
+    return run, state
+
+
+def _run_step(run: Run, state: TrainState, step: int, compiled: dict) -> tuple[TrainState, dict]:
+    """One step of the loop (compiling the template's step on first use); returns the new state and its metrics."""
+    config = run.config
+    template = data.template_for_step(config.seed, step, tuple(config.data.templates))
+    host, ids = run.host_batch(next(run.iterator))
+    batch = data.global_batch(host, run.trainer.batch_sharding)
+    with jax.set_mesh(run.trainer.mesh):  # the mesh context the Pallas kernels need; the shardings are explicit
+        if template not in compiled:
+            t0 = time.perf_counter()
+            compiled[template] = run.trainer.step_fn(template).lower(state, run.frozen_states, batch).compile()
+            run.writer.log(f"compiled the step of template {template} in {time.perf_counter() - t0:.1f} s")
+        _profile(config, step, run.workdir)
+        t0 = time.perf_counter()
+        state, out = compiled[template](state, run.frozen_states, batch)
+    out = jax.device_get(out)
+    dt = time.perf_counter() - t0
+    layout = sequence_layout(config, template)
+    row = {k: float(v) for k, v in out.items() if k != "finite"}
+    row.update(finite=bool(out["finite"]), step_time_s=dt, data_digest=zlib.crc32("\n".join(map(str, ids)).encode()),
+               tokens_per_s_per_device=config.batch_size * layout.length / dt / jax.device_count())
+    if not math.isnan(run.peak_flops):  # model FLOPs: forward + backward of every sample, per device
+        row["mfu"] = (config.batch_size * 3 * metrics.transformer_flops(config.model, layout, config.text.max_len)
+                      / jax.device_count() / dt / run.peak_flops)
+    return state, row
+
+
+def _after_step(run: Run, state: TrainState, step: int, row: dict) -> None:
+    """Logging, the non-finite stop, periodic validation / samples / checkpoints after step `step`."""
+    config = run.config
+    if step % config.log_every == 0 or step == config.total_steps or not row["finite"]:
+        run.writer.write(step, "train", {k: v for k, v in row.items() if k != "finite"})
+    if not row["finite"]:
+        run.writer.log(f"step {step}: non-finite loss or gradients, step skipped ({int(row['skipped'])} so far)")
+        if int(jax.device_get(state.bad_steps)) >= config.max_nonfinite_steps:
+            run.save(state, wait=True)
+            raise FloatingPointError(
+                f"{config.max_nonfinite_steps} non-finite steps in a row at step {step}: stopped (checkpoint saved "
+                f"at step {step} with the last finite parameters; lower optim.lr or check the data)")
+    if config.eval_every > 0 and step % config.eval_every == 0:
+        run.writer.write(step, "val", evaluate(run, state.params))
+    if config.sample_every > 0 and step % config.sample_every == 0:
+        sample_grid(run, state.params, run.workdir / "samples" / f"step_{step}.png")
+    if step % config.checkpoint_every == 0 or step == config.total_steps:
+        run.save(state)
+    _profile(config, step, run.workdir, stop=True)
 
 
 def train(config: ml_collections.ConfigDict, workdir) -> dict:
@@ -488,111 +270,53 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     "checkpoint", "skipped"}."""
     workdir = pathlib.Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    validate(config)
+    train_config.validate(config)
     config = assets.resolve(config)  # under jax.distributed, `main` has built them already (assets.build_in_child)
     if config.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "xla"))
-    lead = jax.process_index() == 0
-    mesh = make_mesh(config)
-    vae, encoder, text_tok = _load_frozen(config)
-    config.data.stride = config.eval_data.stride = vae.stride
-    trainer = Trainer(config, mesh, vae, encoder)
-    frozen_states = trainer.place_frozen(vae, encoder)
-    text_cache = TextCache(encoder) if config.text.cache else None
-    tok = lambda texts, n: text_tok(list(texts), n)  # noqa: E731
-    dataset = data.make_dataset(config.data, seed=config.seed, batch_size=config.batch_size, tokenizer=tok)
-    iterator = iter(dataset)
-    mngr = _manager(workdir, config)
-    latest = mngr.latest_step()
-    if latest is not None:
-        state = _restore(mngr, latest, trainer.abstract_state(), iterator)
-        print(f"resumed {workdir} at step {latest}", flush=True)
-    else:
-        state = trainer.init_state(initial_params(config))
-    trainer.check_sharding(state)
-    start = int(jax.device_get(state.step))
-    n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(state.params))
-    if lead:
-        print(f"{config.kind} {config.conditioning}: {n_params:,} parameters, mesh {dict(mesh.shape)}, global batch "
-              f"{config.batch_size}, steps {start}..{config.total_steps}, workdir {workdir}", flush=True)
-    writer = metrics.Writer(workdir, config.total_steps, start, enabled=lead)
-    peak = metrics.peak_flops()
-    times, rates, mfus, last, compiled = [], [], [], {}, {}
+    run, state = _open_run(config, workdir)
+    start = step = int(jax.device_get(state.step))
+    if jax.process_index() == 0:
+        n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(state.params))
+        print(f"{config.kind} {config.conditioning}: {n_params:,} parameters, mesh {dict(run.trainer.mesh.shape)}, "
+              f"global batch {config.batch_size}, steps {start}..{config.total_steps}, workdir {workdir}", flush=True)
+    rows, compiled = [], {}
     try:
-        with _Preemption() as preempt:
-            step = start
+        with distributed.Preemption() as preempt:
             while step < config.total_steps:
-                template = data.template_for_step(config.seed, step, tuple(config.data.templates))
-                host, ids = _host_batch(next(iterator), text_cache)
-                batch = data.global_batch(host, trainer.batch_sharding)
-                with jax.set_mesh(mesh):  # the mesh context the Pallas kernels need; the shardings are explicit
-                    if template not in compiled:
-                        t0 = time.perf_counter()
-                        compiled[template] = trainer.step_fn(template).lower(state, frozen_states, batch).compile()
-                        writer.log(f"compiled the step of template {template} in {time.perf_counter() - t0:.1f} s")
-                    _profile(config, step, workdir)
-                    t0 = time.perf_counter()
-                    state, out = compiled[template](state, frozen_states, batch)
-                out = jax.device_get(out)
-                dt = time.perf_counter() - t0
+                state, row = _run_step(run, state, step, compiled)
                 step += 1
-                writer.advance()
-                layout = _layout(config, template)
-                last = {k: float(v) for k, v in out.items() if k != "finite"}
-                last.update(step_time_s=dt, data_digest=_digest(ids),
-                            tokens_per_s_per_device=config.batch_size * layout.length / dt / jax.device_count())
-                if peak == peak:  # model FLOPs: forward + backward of every sample, per device
-                    last["mfu"] = (config.batch_size * 3 * metrics.transformer_flops(config.model, layout,
-                                                                                     config.text.max_len)
-                                   / jax.device_count() / dt / peak)
-                if step > start + 1:  # the first step of a call waits for its compile's aftermath
-                    times.append(dt)
-                    rates.append(last["tokens_per_s_per_device"])
-                    mfus.append(last.get("mfu"))
-                if step % config.log_every == 0 or step == config.total_steps or not out["finite"]:
-                    writer.write(step, "train", last)
-                if not out["finite"]:
-                    writer.log(f"step {step}: non-finite loss or gradients, step skipped "
-                               f"({int(out['skipped'])} so far)")
-                    if int(jax.device_get(state.bad_steps)) >= config.max_nonfinite_steps:
-                        _save(mngr, state, iterator, config, wait=True)
-                        raise FloatingPointError(
-                            f"{config.max_nonfinite_steps} non-finite steps in a row at step {step}: stopped "
-                            f"(checkpoint saved at step {step} with the last finite parameters; lower optim.lr or "
-                            f"check the data)")
-                if config.eval_every > 0 and step % config.eval_every == 0:
-                    writer.write(step, "val", evaluate(trainer, state.params, frozen_states, config, tok,
-                                                       text_cache))
-                if config.sample_every > 0 and step % config.sample_every == 0:
-                    sample_grid(config, state.params, vae, encoder, text_tok, workdir / "samples" / f"step_{step}.png")
-                if step % config.checkpoint_every == 0 or step == config.total_steps:
-                    _save(mngr, state, iterator, config)
-                _profile(config, step, workdir, stop=True)
+                run.writer.advance()
+                rows.append(row)
+                _after_step(run, state, step, row)
                 if preempt.requested:
-                    _save(mngr, state, iterator, config, wait=True)
-                    writer.log(f"preempted: checkpoint saved at step {step}; re-run the same command to resume")
+                    run.save(state, wait=True)
+                    run.writer.log(f"preempted: checkpoint saved at step {step}; re-run the same command to resume")
                     break
-            mngr.wait_until_finished()
+            run.checkpoints.wait()
             if step >= config.total_steps > start and not preempt.requested:
                 if config.eval_every >= 0:
-                    writer.write(step, "val", evaluate(trainer, state.params, frozen_states, config, tok, text_cache))
+                    run.writer.write(step, "val", evaluate(run, state.params))
                 if config.sample_every >= 0:
-                    path = sample_grid(config, state.params, vae, encoder, text_tok,
-                                       workdir / "samples" / f"step_{step}.png")
-                    writer.log(f"sample edits: {path}")
+                    path = sample_grid(run, state.params, workdir / "samples" / f"step_{step}.png")
+                    run.writer.log(f"sample edits: {path}")
     finally:
-        writer.close()
-        mngr.wait_until_finished()
-        mngr.close()
-    summary = {"step": step, "final_loss": last.get("loss"), "skipped": int(jax.device_get(state.skipped)),
-               "step_time_s": statistics.median(times) if times else None, "workdir": str(workdir),
-               "tokens_per_s_per_device": statistics.median(rates) if rates else None,
-               "mfu": statistics.median(mfus) if mfus and peak == peak else None,
-               "checkpoint": str(workdir / "checkpoints" / str(step))}
-    stored = workdir / "summary.json"
-    if not times and stored.is_file():  # nothing trained in this call: the run's own summary stands
+        run.writer.close()
+        run.checkpoints.close()
+    return _summary(run, state, step, rows)
+
+
+def _summary(run: Run, state: TrainState, step: int, rows: list[dict]) -> dict:
+    timed = rows[1:]  # the first step of a call waits for its compile's aftermath
+    stored = run.workdir / "summary.json"
+    if not timed and stored.is_file():  # nothing trained in this call: the run's own summary stands
         return json.loads(stored.read_text())
-    if lead:
+    median = lambda key: statistics.median(r[key] for r in timed) if timed and key in timed[0] else None  # noqa
+    summary = {"step": step, "final_loss": rows[-1]["loss"] if rows else None,
+               "skipped": int(jax.device_get(state.skipped)), "step_time_s": median("step_time_s"),
+               "workdir": str(run.workdir), "tokens_per_s_per_device": median("tokens_per_s_per_device"),
+               "mfu": median("mfu"), "checkpoint": str(run.workdir / "checkpoints" / str(step))}
+    if jax.process_index() == 0:
         stored.write_text(json.dumps(summary, indent=1) + "\n")
         print(json.dumps(summary), flush=True)
     return summary
@@ -608,28 +332,31 @@ def _profile(config, step: int, workdir: pathlib.Path, stop: bool = False) -> No
         jax.profiler.stop_trace()
 
 
-def evaluate(trainer: Trainer, params, frozen_states, config, tok, text_cache) -> dict:
+def evaluate(run: Run, params) -> dict:
     """Mean validation metrics over `eval_batches` batches of `eval_data` (no flips, no text dropout)."""
-    ds = data.make_dataset(config.eval_data, seed=config.seed, batch_size=config.batch_size, tokenizer=tok)
+    config = run.config
+    ds = data.make_dataset(config.eval_data, seed=config.seed, batch_size=config.batch_size, tokenizer=run.tokenize)
     sums, n = {}, 0
     for local, _ in zip(ds, range(config.eval_batches)):
         template = data.template_for_step(config.seed, n, tuple(config.eval_data.templates))
-        host, _ = _host_batch(local, text_cache)
-        with jax.set_mesh(trainer.mesh):
-            out = trainer.eval_fn(template)(params, frozen_states, data.global_batch(host, trainer.batch_sharding))
+        host, _ = run.host_batch(local)
+        with jax.set_mesh(run.trainer.mesh):
+            out = run.trainer.eval_fn(template)(params, run.frozen_states,
+                                                data.global_batch(host, run.trainer.batch_sharding))
         out = jax.device_get(out)
         sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
         n += 1
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
-def sample_grid(config, params, vae, encoder, text_tok, path: pathlib.Path) -> pathlib.Path:
+def sample_grid(run: Run, params, path: pathlib.Path) -> pathlib.Path:
     """Edits the first `sample_count` held-out pairs with the current params; writes source | instruction | output |
     target rows to `path`. Collective: every process edits (the sampler spans all devices), process 0 writes."""
-    editor = sampler.Editor(config, sharding.fetch(params), vae, encoder, text_tok)
+    config = run.config
+    edit = editor.Editor(config, sharding.fetch(params), *run.models)
     pairs = list(itertools.islice(records.iter_records(config.eval_data.paths), config.sample_count))
     sources = [images.decode(p["source"]) for p in pairs]
-    outputs = editor.edit(sources, [p["instruction"] for p in pairs], preprocess="train")
+    outputs = edit.edit(sources, [p["instruction"] for p in pairs], preprocess="train")
     if jax.process_index() != 0:
         return path
     return report.save_grid(path, sources, [p["instruction"] for p in pairs], outputs,
@@ -637,23 +364,8 @@ def sample_grid(config, params, vae, encoder, text_tok, path: pathlib.Path) -> p
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def init_distributed(config: ml_collections.ConfigDict, auto: bool = False, coordinator: str | None = None,
-                     num_processes: int | None = None, process_id: int | None = None) -> None:
-    """Joins a multi-process run: `auto` (TPU pods, clusters: jax.distributed finds its peers) or an explicit
-    `coordinator` HOST:PORT with `num_processes` / `process_id`; nothing otherwise. The toy assets the config needs are
-    built first, in a single-process child (`assets.build_in_child`)."""
-    if not (auto or coordinator):
-        return
-    if coordinator and (num_processes is None or process_id is None):
-        raise ValueError("--coordinator needs --num_processes and --process_id")
-    assets.build_in_child(config)
-    if coordinator:
-        jax.distributed.initialize(coordinator, num_processes, process_id)
-    else:
-        jax.distributed.initialize()
-
-
-def main(argv, config: ml_collections.ConfigDict | None, workdir: str | None) -> int:
+def main(argv, config: ml_collections.ConfigDict | None, workdir: str | None, **options) -> int:
+    """The CLI: `options` = `distributed.init_distributed`'s keywords (auto, coordinator, num_processes, process_id)."""
     logging.set_verbosity(logging.WARNING)
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
@@ -662,7 +374,7 @@ def main(argv, config: ml_collections.ConfigDict | None, workdir: str | None) ->
         print("error: --config and --workdir are required", file=sys.stderr)
         return 2
     try:
-        init_distributed(config, _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        distributed.init_distributed(config, **options)
         train(config, workdir)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -680,4 +392,6 @@ if __name__ == "__main__":  # flags are defined here only, so importing this mod
     _COORDINATOR = flags.DEFINE_string("coordinator", None, "coordinator HOST:PORT for an explicit multi-process run")
     _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "processes of an explicit multi-process run")
     _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index in an explicit multi-process run")
-    app.run(lambda argv: sys.exit(main(argv, _CONFIG.value, _WORKDIR.value)))
+    app.run(lambda argv: sys.exit(main(argv, _CONFIG.value, _WORKDIR.value, auto=_DISTRIBUTED.value,
+                                       coordinator=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                       process_id=_PROCESS_ID.value)))

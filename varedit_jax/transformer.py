@@ -407,7 +407,7 @@ class Infinity(nnx.Module):
         parts = []
         sos_row = layout.n_source
         if rows.start < layout.n_source:
-            src = conditioning.source_tokens(layout, source)[:, rows.start:min(rows.stop, layout.n_source)]
+            src = conditioning.source_segments(layout, source)[:, rows.start:min(rows.stop, layout.n_source)]
             parts.append(self.word_embed(src))
         if rows.start <= sos_row < rows.stop:
             parts.append((text.cond + self.pos_start[...])[:, None, :])
@@ -590,6 +590,17 @@ def build(model_cfg: ml_collections.ConfigDict, params: dict | None = None, *, s
     model = nnx.eval_shape(lambda: Infinity(model_cfg, rngs=nnx.Rngs(seed)))
     load_param_dict(model, params)
     return model
+
+
+DECAYED_WEIGHTS = ("kernel", "mat_qkv", "mat_kv", "shared_ada_lin", "ada_lin")
+
+
+def weight_decay(path: tuple) -> bool:
+    """Whether the official trainer decays the parameter at `path` (keys of `param_dict`): the matmul weights
+    (Linear kernels and the fused projections); never biases, norms, embeddings, `cfg_uncond`, `pos_start`,
+    `ada_gss`, `scale_mul` or the attentive pool's `mat_q` (the official param groups: 1-D tensors, biases and
+    `NO_DECAY` names are not decayed)."""
+    return path[-1] in DECAYED_WEIGHTS
 
 
 # ------------------------------------------------------------------------------------------------------ loss

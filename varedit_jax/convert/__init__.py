@@ -1,7 +1,7 @@
 """Conversion between official PyTorch checkpoints and varedit_jax orbax checkpoints.
 
 One module per model family, each an explicit key table used by both directions:
-  vae.py       BSQ tokenizer autoencoders (d32 / d56)
+  image_tokenizer.py  BSQ image tokenizers (d32 / d56)
   infinity.py  Infinity / VAREdit transformers (same key set)
   t5.py        flan-T5 (T5 v1.1) encoders in the Hugging Face layout
 Each family module provides
@@ -13,7 +13,7 @@ Each family module provides
 """
 import importlib
 
-KINDS = {"vae": "vae", "infinity": "infinity", "varedit": "infinity", "t5": "t5"}
+KINDS = {"image_tokenizer": "image_tokenizer", "infinity": "infinity", "varedit": "infinity", "t5": "t5"}
 
 
 def family(kind: str):

@@ -15,7 +15,8 @@ import ml_dtypes
 import numpy as np
 
 from varedit_jax import checkpoint
-from varedit_jax.convert import KINDS, family, io
+from varedit_jax import state_dicts
+from varedit_jax.convert import KINDS, family
 
 
 def _cast(state_dict: dict, dtype: str) -> dict:
@@ -51,9 +52,9 @@ def main(argv=None) -> int:
         else:
             config, params = checkpoint.load_params(args.checkpoint)
             state_dict = _cast(family(config.kind).export_weights(config, params), args.dtype)
-            path = io.write_state_dict(args.out, state_dict)
+            path = state_dicts.write_state_dict(args.out, state_dict)
             print(f"exported {config.kind} ({len(state_dict)} tensors, {args.dtype}) -> {path}")
-    except (io.StateDictMismatch, FileNotFoundError, ValueError, KeyError, ImportError) as e:
+    except (state_dicts.StateDictMismatch, FileNotFoundError, ValueError, KeyError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

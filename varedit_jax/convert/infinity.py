@@ -35,8 +35,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from varedit_jax import checkpoint, configlib, transformer
-from varedit_jax.convert import io
+from varedit_jax import configlib, state_dicts, transformer
+from varedit_jax.params import get_path, set_path
 
 KINDS = ("infinity", "varedit")
 NESTED = (("trainer", "gpt_fsdp"), ("gpt_fsdp",), ("model",), ("state_dict",))
@@ -171,16 +171,6 @@ def _from_official(x: np.ndarray, how: str, shape: tuple[int, ...]) -> np.ndarra
     return np.ascontiguousarray(x.reshape(shape))
 
 
-def _get(tree, path: tuple):
-    for key in path:
-        tree = tree[key] if key in tree else tree[str(key)]
-    return tree
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def _stacked(params) -> bool:
@@ -198,24 +188,24 @@ def infer_model_config(sd: dict[str, np.ndarray], what: str) -> ml_collections.C
     absent = [k for k in required if k not in sd]
     if absent:
         top = sorted({k.split(".")[0] for k in sd})
-        raise io.StateDictMismatch(f"{what}: not an Infinity/VAREdit transformer state dict; missing keys {absent} "
+        raise state_dicts.StateDictMismatch(f"{what}: not an Infinity/VAREdit transformer state dict; missing keys {absent} "
                                    f"(top-level names found: {top[:10]})")
     chunked = {(int(m.group(1)), int(m.group(2))) for k in sd
                if (m := re.match(r"block_chunks\.(\d+)\.module\.(\d+)\.", k))}
     flat = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
     if chunked and flat:
-        raise io.StateDictMismatch(f"{what}: mixes `blocks.*` and `block_chunks.*` key names")
+        raise state_dicts.StateDictMismatch(f"{what}: mixes `blocks.*` and `block_chunks.*` key names")
     if chunked:
         block_chunks = max(c for c, _ in chunked) + 1
         depth = block_chunks * (max(j for _, j in chunked) + 1)
     elif flat:
         block_chunks, depth = 1, max(flat) + 1
     else:
-        raise io.StateDictMismatch(f"{what}: no transformer blocks (`block_chunks.*` / `blocks.*`) found")
+        raise state_dicts.StateDictMismatch(f"{what}: no transformer blocks (`block_chunks.*` / `blocks.*`) found")
     first = block_prefix(0, depth, block_chunks)
     for key in (first + "sa.scale_mul_1H11", first + "ffn.fc1.weight"):
         if key not in sd:
-            raise io.StateDictMismatch(f"{what}: missing key {key!r}")
+            raise state_dicts.StateDictMismatch(f"{what}: missing key {key!r}")
     bits = int(sd["word_embed.weight"].shape[1])
     return transformer.default_model_config(
         embed_dim=int(sd["pos_start"].shape[-1]), depth=depth, num_heads=int(sd[first + "sa.scale_mul_1H11"].shape[1]),
@@ -230,7 +220,7 @@ def _check_against(given: ml_collections.ConfigDict, inferred: ml_collections.Co
     if given.text_max_len > inferred.text_max_len:
         bad.append(f"text_max_len: config {given.text_max_len} > the {inferred.text_max_len} rows of cfg_uncond")
     if bad:
-        raise io.StateDictMismatch(f"{what}: the config does not match the weights: " + "; ".join(bad))
+        raise state_dicts.StateDictMismatch(f"{what}: the config does not match the weights: " + "; ".join(bad))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,7 +247,7 @@ def _model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 def import_weights(src, config: ml_collections.ConfigDict | None = None, *, kind: str = "varedit"):
     """Official weights (file / HF folder / nested trainer .pth / a state dict) -> (config, params)."""
     what = "state dict" if isinstance(src, dict) else str(src)
-    sd = dict(src) if isinstance(src, dict) else io.read_state_dict(src, nested=NESTED)
+    sd = dict(src) if isinstance(src, dict) else state_dicts.read_state_dict(src, nested=NESTED)
     inferred = infer_model_config(sd, what)
     if config is not None:
         model_cfg = _model_config(config)
@@ -268,24 +258,24 @@ def import_weights(src, config: ml_collections.ConfigDict | None = None, *, kind
         model_cfg, conditioning, extra = inferred, None, {}
     transformer.validate_config(model_cfg)
     expected = _official_shapes(inferred)
-    io.check_state_dict(sd, expected, what)
+    state_dicts.check_state_dict(sd, expected, what)
     nonzero = [k for k in sd if k.endswith("zero_k_bias") and np.any(np.asarray(sd[k]) != 0)]
     if nonzero:
-        raise io.StateDictMismatch(f"{what}: buffers that must be zero are not: {nonzero[:5]}")
+        raise state_dicts.StateDictMismatch(f"{what}: buffers that must be zero are not: {nonzero[:5]}")
     top_shapes, block_shapes = param_shapes(model_cfg)
     params: dict = {}
-    _set(params, ("cfg_uncond",), np.ascontiguousarray(np.asarray(sd["cfg_uncond"], np.float32)
+    set_path(params, ("cfg_uncond",), np.ascontiguousarray(np.asarray(sd["cfg_uncond"], np.float32)
                                                        [:model_cfg.text_max_len]))
     for name, path, how in _TOP:
-        _set(params, path, _from_official(sd[name], how, _get(top_shapes, path)))
+        set_path(params, path, _from_official(sd[name], how, get_path(top_shapes, path)))
     prefixes = [block_prefix(b, model_cfg.depth, model_cfg.block_chunks) for b in range(model_cfg.depth)]
     for name, path, how in _BLOCK:  # one tensor name at a time: peak memory ~ the state dict + the params
-        per_block = [_from_official(sd[prefix + name], how, _get(block_shapes, path)) for prefix in prefixes]
+        per_block = [_from_official(sd[prefix + name], how, get_path(block_shapes, path)) for prefix in prefixes]
         if model_cfg.scan_layers:
-            _set(params, ("blocks",) + path, np.stack(per_block))
+            set_path(params, ("blocks",) + path, np.stack(per_block))
         else:
             for b, value in enumerate(per_block):
-                _set(params, ("blocks", b) + path, value)
+                set_path(params, ("blocks", b) + path, value)
     return _full_config(kind, model_cfg, conditioning, extra), params
 
 
@@ -304,9 +294,9 @@ def export_weights(config: ml_collections.ConfigDict, params) -> dict[str, np.nd
 
     def fetch(path):
         try:
-            return np.asarray(jax.device_get(_get(params, path)), np.float32)
+            return np.asarray(jax.device_get(get_path(params, path)), np.float32)
         except (KeyError, TypeError) as e:
-            raise io.StateDictMismatch(f"parameter {'/'.join(map(str, path))} is missing from the checkpoint") from e
+            raise state_dicts.StateDictMismatch(f"parameter {'/'.join(map(str, path))} is missing from the checkpoint") from e
 
     out = {}
     uncond = fetch(("cfg_uncond",))
@@ -326,7 +316,7 @@ def export_weights(config: ml_collections.ConfigDict, params) -> dict[str, np.nd
         for name in _ZERO_BUFFERS_BLOCK:
             key = block_prefix(b, m.depth, m.block_chunks) + name
             out[key] = np.zeros(expected[key], np.float32)
-    io.check_state_dict(out, expected, "exported transformer")
+    state_dicts.check_state_dict(out, expected, "exported transformer")
     return out
 
 
@@ -385,18 +375,3 @@ def config_from_file(path, *, kind: str = "varedit") -> ml_collections.ConfigDic
         config = _full_config(kind, _model_config(loaded), loaded.get("conditioning"), extra)
     transformer.validate_config(config.model)
     return config
-
-
-def load_transformer(path, config: ml_collections.ConfigDict | None = None, *, kind: str = "varedit"):
-    """(config, model) from official weights (file / HF folder) or an imported / trained checkpoint."""
-    path = pathlib.Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"no transformer weights or checkpoint at {path}")
-    is_weights = path.is_file() or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
-    if is_weights:
-        config, params = import_weights(path, config, kind=kind)
-    else:
-        config, params = checkpoint.load_params(path)
-        if config.get("kind") not in KINDS:
-            raise ValueError(f"{path} holds a {config.get('kind')!r} checkpoint, not a transformer {KINDS}")
-    return config, transformer.build(_model_config(config), params)

@@ -19,37 +19,23 @@ d_kv, heads, d_ff, layers, buckets) are inferred from the weights and checked ag
 config (a `configs/*.py`, an HF `config.json` or a stored checkpoint config), which supply the rest (max_distance,
 eps, feed_forward_proj, compute dtype, text_max_len).
 
-The stored checkpoint config: `kind` "t5", `model` (text.default_model_config fields), `text_max_len` (static token
-length, official 512) and `spiece_proto` = the sentencepiece model, base64 of its serialized bytes. The tokenizer
-travels INSIDE the checkpoint (about 1 MB for flan-T5), so a checkpoint loads with no other file; `save_hf_folder`
-writes it back as `spiece.model`.
-
-`load_text_encoder(path)` -> (config, T5Encoder with weights, TextTokenizer) for an HF folder / file or an orbax
-checkpoint; `build_toy_text_encoder` makes the small random-init encoder + sentencepiece model of the tiny CPU default
-in the HF folder layout, so it loads through exactly the same path as flan-T5-XL.
+The stored checkpoint config is `text.encoder_config`: `kind` "t5", `model`, `text_max_len` (static token length,
+official 512) and `spiece_proto` = the sentencepiece model (base64). The tokenizer travels INSIDE the checkpoint (about
+1 MB for flan-T5), so a checkpoint loads with no other file; `save_hf_folder` writes it back as `spiece.model`.
 """
-import base64
-import hashlib
-import io as _io
 import json
 import logging
 import pathlib
 import re
-import shutil
-import tempfile
-import unicodedata
 
 import jax
 import ml_collections
 import numpy as np
-import sentencepiece as spm
-from flax import nnx
 
-from varedit_jax import checkpoint, configlib, text, tokenizer
-from varedit_jax.convert import io
+from varedit_jax import configlib, state_dicts, text
+from varedit_jax.params import get_path, set_path
 
-KIND = "t5"
-DEFAULT_TEXT_MAX_LEN = 512
+KIND = text.KIND
 # Inferred from the weights.
 ARCH_FIELDS = ("vocab_size", "d_model", "d_kv", "num_heads", "d_ff", "num_layers", "relative_attention_num_buckets")
 # Described by an HF config.json (the architecture plus what the weights cannot tell).
@@ -71,7 +57,6 @@ _BLOCK = (
     ("layer.1.DenseReluDense.wi_1.weight", ("ffn", "wi_1", "kernel"), True),
     ("layer.1.DenseReluDense.wo.weight", ("ffn", "wo", "kernel"), True),
 )
-TOY_MANIFEST = "toy_text_encoder.json"
 log = logging.getLogger(__name__)
 
 
@@ -101,16 +86,6 @@ def expected_shapes(m: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _get(tree, path: tuple):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,14 +111,6 @@ def hf_config_json(m: ml_collections.ConfigDict) -> dict:
                 pad_token_id=text.PAD_ID, eos_token_id=text.EOS_ID, decoder_start_token_id=text.PAD_ID,
                 is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
 
-
-def full_config(model_cfg, text_max_len: int = DEFAULT_TEXT_MAX_LEN,
-                spiece_proto: bytes | None = None) -> ml_collections.ConfigDict:
-    """The stored text-encoder config: kind, model, text_max_len, spiece_proto (base64, when given)."""
-    config = ml_collections.ConfigDict({"kind": KIND, "model": model_cfg.to_dict(), "text_max_len": text_max_len})
-    if spiece_proto is not None:
-        config.spiece_proto = base64.b64encode(spiece_proto).decode("ascii")
-    return config
 
 
 def _model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -176,12 +143,12 @@ def config_from_file(path, *, kind: str = KIND) -> ml_collections.ConfigDict:
         if "model" in data:
             loaded = ml_collections.ConfigDict(data)
         else:
-            return full_config(model_config_from_hf(data, str(path)))
+            return text.encoder_config(model_config_from_hf(data, str(path)))
     else:
         loaded = configlib.load(path)
     if loaded.get("kind") != KIND:
         raise ValueError(f"{path} is a {loaded.get('kind')!r} config, not {KIND!r}")
-    return full_config(_model_config(loaded), int(loaded.get("text_max_len", DEFAULT_TEXT_MAX_LEN)))
+    return text.encoder_config(_model_config(loaded), int(loaded.get("text_max_len", text.DEFAULT_TEXT_MAX_LEN)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -190,7 +157,7 @@ def config_from_file(path, *, kind: str = KIND) -> ml_collections.ConfigDict:
 
 def _read(path) -> dict[str, np.ndarray]:
     """The encoder tensors of an HF T5 file or folder (decoder / lm_head tensors are never read)."""
-    return io.read_state_dict(path, keep=lambda name: not _NOT_ENCODER.match(name))
+    return state_dicts.read_state_dict(path, keep=lambda name: not _NOT_ENCODER.match(name))
 
 
 def encoder_state_dict(sd: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
@@ -200,7 +167,7 @@ def encoder_state_dict(sd: dict[str, np.ndarray], what: str) -> dict[str, np.nda
         if SHARED not in sd:
             out[SHARED] = sd[TIED_EMBED]
         elif not np.array_equal(np.asarray(sd[TIED_EMBED]), np.asarray(sd[SHARED])):
-            raise io.StateDictMismatch(f"{what}: {TIED_EMBED!r} differs from {SHARED!r} (they must be tied)")
+            raise state_dicts.StateDictMismatch(f"{what}: {TIED_EMBED!r} differs from {SHARED!r} (they must be tied)")
     return out
 
 
@@ -211,12 +178,12 @@ def infer_model_config(sd: dict[str, np.ndarray], base: ml_collections.ConfigDic
                 "encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
     absent = [k for k in required if k not in sd]
     if absent:
-        raise io.StateDictMismatch(f"{what}: not a T5 v1.1 encoder state dict; missing keys {absent} "
+        raise state_dicts.StateDictMismatch(f"{what}: not a T5 v1.1 encoder state dict; missing keys {absent} "
                                    f"(first keys found: {sorted(sd)[:8]})")
     buckets, heads = sd[REL_BIAS].shape
     inner = sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
     if inner % heads:
-        raise io.StateDictMismatch(f"{what}: q projection width {inner} is not a multiple of {heads} heads")
+        raise state_dicts.StateDictMismatch(f"{what}: q projection width {inner} is not a multiple of {heads} heads")
     layers = len({m.group(1) for k in sd if (m := re.match(r"encoder\.block\.(\d+)\.", k))})
     shapes = dict(vocab_size=int(sd[SHARED].shape[0]), d_model=int(sd[SHARED].shape[1]), d_kv=int(inner // heads),
                   num_heads=int(heads), d_ff=int(sd["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0]),
@@ -229,7 +196,7 @@ def infer_model_config(sd: dict[str, np.ndarray], base: ml_collections.ConfigDic
 def _check_fields(a: ml_collections.ConfigDict, b: ml_collections.ConfigDict, fields, what: str, names) -> None:
     bad = [f"{f}: {names[0]} {a[f]!r} vs {names[1]} {b[f]!r}" for f in fields if a[f] != b[f]]
     if bad:
-        raise io.StateDictMismatch(f"{what}: {names[0]} and {names[1]} disagree: " + "; ".join(bad))
+        raise state_dicts.StateDictMismatch(f"{what}: {names[0]} and {names[1]} disagree: " + "; ".join(bad))
 
 
 def _spiece_proto(folder: pathlib.Path, vocab_size: int) -> bytes:
@@ -269,7 +236,7 @@ def import_weights(src, config: ml_collections.ConfigDict | None = None, *, kind
     if given is not None:
         _check_fields(given, model_cfg, ARCH_FIELDS, what, ("given config", "weights"))
     text.validate_config(model_cfg)
-    io.check_state_dict(sd, expected_shapes(model_cfg), what)
+    state_dicts.check_state_dict(sd, expected_shapes(model_cfg), what)
     proto = _spiece_proto(folder, model_cfg.vocab_size)
     params: dict = {}
     stacked: dict = {}
@@ -279,14 +246,14 @@ def import_weights(src, config: ml_collections.ConfigDict | None = None, *, kind
             raise ValueError(f"{what}: {key!r} holds NaN or inf")
         value = value.T if transpose else value
         if layer is None:
-            _set(params, path, np.ascontiguousarray(value))
+            set_path(params, path, np.ascontiguousarray(value))
         else:
             stacked.setdefault(path, [None] * model_cfg.num_layers)[layer] = value
     for path, layers in stacked.items():
-        _set(params, path, np.stack(layers))
-    text_max_len = int(config.get("text_max_len", DEFAULT_TEXT_MAX_LEN)) if config is not None else \
-        DEFAULT_TEXT_MAX_LEN
-    return full_config(model_cfg, text_max_len, proto), params
+        set_path(params, path, np.stack(layers))
+    text_max_len = int(config.get("text_max_len", text.DEFAULT_TEXT_MAX_LEN)) if config is not None else \
+        text.DEFAULT_TEXT_MAX_LEN
+    return text.encoder_config(model_cfg, text_max_len, proto), params
 
 
 def export_weights(config: ml_collections.ConfigDict, params) -> dict[str, np.ndarray]:
@@ -296,121 +263,24 @@ def export_weights(config: ml_collections.ConfigDict, params) -> dict[str, np.nd
     for path, layer, key, transpose in key_table(model_cfg):
         if path not in fetched:
             try:
-                fetched[path] = np.asarray(jax.device_get(_get(params, path)), np.float32)
+                fetched[path] = np.asarray(jax.device_get(get_path(params, path)), np.float32)
             except (KeyError, TypeError) as e:
-                raise io.StateDictMismatch(f"parameter {'/'.join(path)} is missing from the checkpoint") from e
+                raise state_dicts.StateDictMismatch(f"parameter {'/'.join(path)} is missing from the checkpoint") from e
         value = fetched[path] if layer is None else fetched[path][layer]
         out[key] = np.ascontiguousarray(value.T if transpose else value)
-    io.check_state_dict(out, expected_shapes(model_cfg), "exported T5 encoder")
+    state_dicts.check_state_dict(out, expected_shapes(model_cfg), "exported T5 encoder")
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Loading, HF folders, the toy encoder
+# Hugging Face folders
 # ----------------------------------------------------------------------------------------------------------------
-
-def build(config: ml_collections.ConfigDict, params) -> text.T5Encoder:
-    """A T5Encoder of `config` (full or model config) holding `params` (no random init)."""
-    model_cfg = _model_config(config)
-    model = nnx.eval_shape(lambda: text.T5Encoder(model_cfg, rngs=nnx.Rngs(0)))
-    tokenizer.load_param_dict(model, params)
-    return model
-
-
-def spiece_proto(config: ml_collections.ConfigDict) -> bytes:
-    """The serialized sentencepiece model stored in a text-encoder config."""
-    if not config.get("spiece_proto"):
-        raise ValueError("the text encoder config carries no sentencepiece model (spiece_proto)")
-    return base64.b64decode(config.spiece_proto)
-
-
-def _is_hf(path: pathlib.Path) -> bool:
-    return path.is_file() or ((path / "config.json").is_file() and (
-        any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))))
-
-
-def load_text_encoder(path, *, dtype: str | None = None):
-    """(config, T5Encoder with weights, TextTokenizer) from an HF folder / safetensors file or an orbax checkpoint
-    of kind 't5'. `dtype` overrides the compute dtype (e.g. "bfloat16" for the frozen encoder in training)."""
-    path = pathlib.Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"no text encoder at {path}")
-    if _is_hf(path):
-        config, params = import_weights(path)
-    else:
-        config, params = checkpoint.load_params(path)
-        if config.get("kind") != KIND:
-            raise ValueError(f"{path} holds a {config.get('kind')!r} checkpoint, not a text encoder ('t5')")
-    if dtype is not None:
-        config.model.dtype = dtype
-    tok = text.TextTokenizer.from_proto(spiece_proto(config), f"{path} (spiece_proto)")
-    return config, build(config, params), tok
-
 
 def save_hf_folder(out_dir, config: ml_collections.ConfigDict, params, proto: bytes | None = None) -> pathlib.Path:
     """Writes the HF layout (config.json, model.safetensors, spiece.model); `proto` defaults to the config's."""
     out = pathlib.Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    io.write_state_dict(out / "model.safetensors", export_weights(config, params))
+    state_dicts.write_state_dict(out / "model.safetensors", export_weights(config, params))
     (out / "config.json").write_text(json.dumps(hf_config_json(_model_config(config)), indent=2) + "\n")
-    (out / text.SPIECE_FILE).write_bytes(proto if proto is not None else spiece_proto(config))
-    return out
-
-
-def train_spiece(corpus: list[str], vocab_size: int, seed: int) -> bytes:
-    """A sentencepiece unigram model (T5 ids: <pad> 0, </s> 1, <unk> 2, no BOS; NFKC; no byte fallback) of a corpus.
-
-    `vocab_size` is an upper bound: small corpora get what they support (at least every character + 3 specials).
-    """
-    sentences = [s for s in corpus if s.strip()]
-    if not sentences:
-        raise ValueError("the sentencepiece corpus has no non-blank text")
-    chars = {c for s in sentences for c in unicodedata.normalize("NFKC", s) if not c.isspace()}
-    model = _io.BytesIO()
-    spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, model_type="unigram",
-        vocab_size=max(vocab_size, len(chars) + 4), hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2,
-        bos_id=-1, normalization_rule_name="nmt_nfkc", byte_fallback=False, character_coverage=1.0,
-        num_threads=1, minloglevel=2)
-    return model.getvalue()
-
-
-def build_toy_text_encoder(out_dir, corpus: list[str], *, seed: int, d_model: int = 64, d_kv: int = 16,
-                           num_heads: int = 4, d_ff: int = 128, num_layers: int = 2,
-                           vocab_size: int = 512) -> pathlib.Path:
-    """The tiny default's text encoder: a sentencepiece model trained on `corpus` (vocab <= vocab_size, what the
-    corpus supports) and a random-init (HF T5 init, `seed`) T5 v1.1 encoder, written as an HF folder at `out_dir`.
-
-    Deterministic for (corpus, seed, sizes). A folder built with the same inputs (its `toy_text_encoder.json`
-    manifest matches) is reused; one built with other inputs is rebuilt; any other existing non-empty folder is
-    refused. Load it with `load_text_encoder(out_dir)`.
-    """
-    out = pathlib.Path(out_dir).expanduser().resolve()
-    manifest = dict(seed=seed, d_model=d_model, d_kv=d_kv, num_heads=num_heads, d_ff=d_ff, num_layers=num_layers,
-                    vocab_size=vocab_size, corpus_sha256=hashlib.sha256(json.dumps(list(corpus)).encode()).hexdigest())
-    if out.exists():
-        previous = out / TOY_MANIFEST
-        if previous.is_file():
-            if json.loads(previous.read_text()) == manifest:
-                return out
-            log.info("rebuilding the toy text encoder at %s (inputs changed)", out)
-        elif any(out.iterdir()):
-            raise FileExistsError(f"{out} exists and is not a toy text encoder folder (no {TOY_MANIFEST})")
-    proto = train_spiece(corpus, vocab_size, seed)
-    model_cfg = text.default_model_config(
-        vocab_size=text.TextTokenizer.from_proto(proto).vocab_size, d_model=d_model, d_kv=d_kv,
-        num_heads=num_heads, d_ff=d_ff, num_layers=num_layers)
-    params = tokenizer.param_dict(text.T5Encoder(model_cfg, rngs=nnx.Rngs(seed)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        save_hf_folder(tmp, full_config(model_cfg, spiece_proto=proto), params)
-        (tmp / TOY_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    (out / text.SPIECE_FILE).write_bytes(proto if proto is not None else text.spiece_proto(config))
     return out

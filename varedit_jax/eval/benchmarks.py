@@ -28,7 +28,7 @@ from typing import Iterator
 
 import numpy as np
 
-from varedit_jax.eval import images as imgs
+from varedit_jax import images as imgs
 
 log = logging.getLogger(__name__)
 

@@ -37,9 +37,9 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from varedit_jax import tokenizer as vae_tokenizer
-from varedit_jax.convert import io
-from varedit_jax.eval import images as imgs
+from varedit_jax import state_dicts
+from varedit_jax.params import load_param_dict, set_path
+from varedit_jax import images as imgs
 from varedit_jax.eval import vit
 from varedit_jax.eval.clip_tokenizer import ClipTokenizer
 
@@ -173,17 +173,12 @@ def key_table(cfg) -> list[tuple[tuple, int | None, str, str, tuple[int, ...]]]:
     return rows + _block_rows("text", "text_model", t) + _block_rows("vision", "vision_model", v)
 
 
-def _set(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
 
 def params_from_state_dict(sd: dict[str, np.ndarray], cfg, what: str) -> dict:
     """HF CLIPModel state dict -> nested param dict of `ClipModel` (float32 numpy); raises StateDictMismatch."""
     rows = key_table(cfg)
     got = {k: a for k, a in sd.items() if k not in IGNORED_KEYS}
-    io.check_state_dict(got, {key: shape for _, _, key, _, shape in rows}, what)
+    state_dicts.check_state_dict(got, {key: shape for _, _, key, _, shape in rows}, what)
     params, stacked = {}, {}
     for path, layer, key, layout, _ in rows:
         value = np.asarray(sd[key], np.float32)
@@ -191,11 +186,11 @@ def params_from_state_dict(sd: dict[str, np.ndarray], cfg, what: str) -> dict:
             raise ValueError(f"{what}: {key!r} holds NaN or inf")
         value = value.T if layout == "T" else value.transpose(2, 3, 1, 0) if layout == "conv" else value
         if layer is None:
-            _set(params, path, np.ascontiguousarray(value))
+            set_path(params, path, np.ascontiguousarray(value))
         else:
             stacked.setdefault(path, {})[layer] = value
     for path, layers in stacked.items():
-        _set(params, path, np.stack([layers[i] for i in range(len(layers))]))
+        set_path(params, path, np.stack([layers[i] for i in range(len(layers))]))
     return params
 
 
@@ -275,9 +270,9 @@ class Clip:
 
 def _read_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
     if list(folder.glob("*.safetensors")) or list(folder.glob("*.safetensors.index.json")):
-        return io.read_state_dict(folder)
+        return state_dicts.read_state_dict(folder)
     if (folder / "pytorch_model.bin").is_file():
-        return io.read_state_dict(folder / "pytorch_model.bin")
+        return state_dicts.read_state_dict(folder / "pytorch_model.bin")
     raise FileNotFoundError(f"{folder}: no model.safetensors (or pytorch_model.bin) with CLIP weights")
 
 
@@ -295,7 +290,7 @@ def load_clip(folder, *, batch_size: int = 32) -> Clip:
         raise ValueError(f"{config_path}: not JSON: {e}") from e
     params = params_from_state_dict(_read_weights(folder), cfg, str(folder))
     model = nnx.eval_shape(lambda: ClipModel(cfg, rngs=nnx.Rngs(0)))
-    vae_tokenizer.load_param_dict(model, params)
+    load_param_dict(model, params)
     pre_path = folder / "preprocessor_config.json"
     preprocess = ImagePreprocessor.from_hf(json.loads(pre_path.read_text()) if pre_path.is_file() else {},
                                            cfg.vision.image_size)

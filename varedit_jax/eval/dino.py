@@ -15,8 +15,8 @@ import re
 import numpy as np
 from flax import nnx
 
-from varedit_jax import tokenizer as vae_tokenizer
-from varedit_jax.convert import io
+from varedit_jax.params import load_param_dict
+from varedit_jax import state_dicts
 from varedit_jax.eval import vit
 
 NESTED = (("teacher",), ("student",), ("state_dict",), ("model",))
@@ -34,13 +34,13 @@ def clean_state_dict(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def config_from_state_dict(sd: dict[str, np.ndarray], what: str, heads: int | None = None):
     for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight"):
         if key not in sd:
-            raise io.StateDictMismatch(f"{what}: not a DINO ViT state dict ({key!r} missing; keys start with "
+            raise state_dicts.StateDictMismatch(f"{what}: not a DINO ViT state dict ({key!r} missing; keys start with "
                                        f"{sorted(sd)[:5]})")
     width, channels, patch, _ = sd["patch_embed.proj.weight"].shape
     tokens = sd["pos_embed"].shape[1] - 1
     grid = int(round(tokens ** 0.5))
     if grid * grid != tokens:
-        raise io.StateDictMismatch(f"{what}: pos_embed holds {tokens} patches, not a square grid")
+        raise state_dicts.StateDictMismatch(f"{what}: pos_embed holds {tokens} patches, not a square grid")
     layers = 1 + max(int(m.group(1)) for k in sd if (m := _BLOCK.match(k)))
     return vit.encoder_config(width=int(width), layers=layers, heads=heads or max(int(width) // HEAD_DIM, 1),
                               mlp_dim=int(sd["blocks.0.mlp.fc1.weight"].shape[0]), act="gelu", eps=1e-6,
@@ -76,7 +76,7 @@ def _block_params(sd: dict[str, np.ndarray], i: int, c: int) -> dict:
 
 def params_from_state_dict(sd: dict[str, np.ndarray], cfg, what: str) -> dict:
     """Clean DINO state dict -> nested param dict of `vit.VisionTransformer` (float32 numpy)."""
-    io.check_state_dict(sd, expected_shapes(cfg), what)
+    state_dicts.check_state_dict(sd, expected_shapes(cfg), what)
     for key, value in sd.items():
         if not np.isfinite(np.asarray(value, np.float32)).all():
             raise ValueError(f"{what}: {key!r} holds NaN or inf")
@@ -97,9 +97,9 @@ def _stack(trees: list[dict]) -> dict:
 def load_dino(path, *, heads: int | None = None) -> vit.VisionTransformer:
     """A DINO ViT from a `.pth` / `.safetensors` state dict on disk (never downloads)."""
     path = pathlib.Path(path).expanduser()
-    sd = clean_state_dict(io.read_state_dict(path, nested=NESTED))
+    sd = clean_state_dict(state_dicts.read_state_dict(path, nested=NESTED))
     cfg = config_from_state_dict(sd, str(path), heads)
     params = params_from_state_dict(sd, cfg, str(path))
     model = nnx.eval_shape(lambda: vit.VisionTransformer(cfg, rngs=nnx.Rngs(0)))
-    vae_tokenizer.load_param_dict(model, params)
+    load_param_dict(model, params)
     return model

@@ -37,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from varedit_jax.eval import images as imgs
+from varedit_jax import images as imgs
 from varedit_jax.eval import scores
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from varedit_jax import tokenizer as vae_tokenizer
-from varedit_jax.convert import io
+from varedit_jax.params import load_param_dict
+from varedit_jax import state_dicts
 
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -111,11 +111,11 @@ def expected_backbone_shapes() -> dict[str, tuple[int, ...]]:
 def params_from_state_dicts(backbone: dict[str, np.ndarray], heads: dict[str, np.ndarray], what: str) -> dict:
     """torchvision squeezenet1_1 + LPIPS head state dicts -> nested param dict of `Lpips`."""
     backbone = {k: v for k, v in backbone.items() if not k.startswith("classifier.")}
-    io.check_state_dict(backbone, expected_backbone_shapes(), f"{what} (SqueezeNet 1.1 backbone)")
+    state_dicts.check_state_dict(backbone, expected_backbone_shapes(), f"{what} (SqueezeNet 1.1 backbone)")
     found = {int(m.group(1)): v for k, v in heads.items() if (m := _HEAD.match(k))}
     want = {f"lin{k}.model.1.weight": (1, c, 1, 1) for k, c in enumerate(CHANNELS)}
     got = {f"lin{k}.model.1.weight": v for k, v in found.items()}
-    io.check_state_dict(got, want, f"{what} (LPIPS heads lin0..lin6)")
+    state_dicts.check_state_dict(got, want, f"{what} (LPIPS heads lin0..lin6)")
     f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
     conv = lambda key: {"kernel": f32(backbone[f"{key}.weight"]).transpose(2, 3, 1, 0),  # noqa: E731
                         "bias": f32(backbone[f"{key}.bias"])}
@@ -142,8 +142,8 @@ class LpipsMetric:
 def load_lpips(backbone_path, heads_path) -> LpipsMetric:
     """LPIPS-squeeze from the two weight files (see the module docstring)."""
     backbone_path, heads_path = pathlib.Path(backbone_path).expanduser(), pathlib.Path(heads_path).expanduser()
-    params = params_from_state_dicts(io.read_state_dict(backbone_path), io.read_state_dict(heads_path),
+    params = params_from_state_dicts(state_dicts.read_state_dict(backbone_path), state_dicts.read_state_dict(heads_path),
                                      f"{backbone_path} + {heads_path}")
     model = nnx.eval_shape(lambda: Lpips(rngs=nnx.Rngs(0)))
-    vae_tokenizer.load_param_dict(model, params)
+    load_param_dict(model, params)
     return LpipsMetric(model)

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from varedit_jax.eval import images as imgs
+from varedit_jax import images as imgs
 from varedit_jax.eval import scores
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,11 +48,6 @@ def _mse(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean((a - b) ** 2))
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    err = _mse(a, b)
-    return float("inf") if err == 0 else float(10.0 * np.log10(1.0 / err))
-
-
 def mse(a, b) -> float:
     """Mean squared error of two images in [0, 1] units."""
     return _mse(*_pair(a, b))
@@ -60,7 +55,7 @@ def mse(a, b) -> float:
 
 def psnr(a, b) -> float:
     """10 log10(1 / MSE) (data range 1); inf for identical images."""
-    return _psnr(*_pair(a, b))
+    return imgs.psnr_from_mse(_mse(*_pair(a, b)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,7 +104,7 @@ def background_preservation(source, output, mask, lpips=None) -> dict[str, float
     if not keep.any():
         return dict(psnr=np.nan, mse=np.nan, ssim=np.nan, lpips=np.nan)
     a, b = a * keep[..., None], b * keep[..., None]
-    return dict(psnr=_psnr(a, b), mse=_mse(a, b), ssim=_ssim(a, b),
+    return dict(psnr=imgs.psnr_from_mse(_mse(a, b)), mse=_mse(a, b), ssim=_ssim(a, b),
                 lpips=float(lpips(a * 2 - 1, b * 2 - 1)) if lpips is not None else np.nan)
 
 

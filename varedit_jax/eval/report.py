@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from varedit_jax.eval import images as imgs
+from varedit_jax import images as imgs
 
 PAD = 6
 FONT_SIZE = 13

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from varedit_jax.eval import images as imgs
+from varedit_jax import images as imgs
 from varedit_jax.eval import scores
 
 TOLERANCE = 0.125

@@ -1,7 +1,7 @@
 """The d32 BSQ tokenizer of Infinity-2B / VAREdit-2B (`infinity_vae_d32reg.pth`): stride 16, d = 32, no patchify.
 
-  python -m varedit_jax.convert import --kind vae --src infinity_vae_d32reg.pth --out ckpts/vae_d32 \
-      --config configs/vae_d32.py
+  python -m varedit_jax.convert import --kind image_tokenizer --src infinity_vae_d32reg.pth --out ckpts/image_tokenizer_d32 \
+      --config configs/image_tokenizer_d32.py
 """
 import ml_collections
 
@@ -9,7 +9,7 @@ import ml_collections
 def get_config(arg=None):
     del arg
     config = ml_collections.ConfigDict()
-    config.kind = "vae"
+    config.kind = "image_tokenizer"
     config.model = ml_collections.ConfigDict(dict(
         base_ch=128,
         ch_mult=(1, 2, 4, 4, 4),

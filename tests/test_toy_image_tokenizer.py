@@ -1,4 +1,4 @@
-"""The toy tokenizer trainer: a short run lowers the loss, re-running resumes (exactly), the workdir is a `--vae`,
+"""The toy tokenizer trainer: a short run lowers the loss, re-running resumes (exactly), the workdir is an image tokenizer,
 and the CLI takes config-flag overrides."""
 import json
 import os
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from helpers import REPO_ROOT
-from varedit_jax import checkpoint, configlib, train_tokenizer
-from varedit_jax.convert import vae as cv
+from varedit_jax import checkpoint, configlib, loading
+from varedit_jax.assets import toy_image_tokenizer
 
 TINY_MODEL = dict(base_ch=16, ch_mult=(1, 2), num_res_blocks=1, patch_size=2, norm_groups=4)  # 32 x 32 px images
 TINY_TRAIN = {"batch_size": 4, "num_steps": 6, "log_every": 1, "checkpoint_every": 3, "warmup_steps": 2, "lr": 3e-3,
@@ -20,13 +20,14 @@ TINY_TRAIN = {"batch_size": 4, "num_steps": 6, "log_every": 1, "checkpoint_every
 
 def _config(**overrides):
     values = {**{f"model.{k}": v for k, v in TINY_MODEL.items()}, **TINY_TRAIN, **overrides}
-    return configlib.override(configlib.load(REPO_ROOT / "configs/toy_tokenizer.py"), values)
+    return configlib.override(configlib.load(REPO_ROOT / "configs/toy_image_tokenizer.py"), values)
 
 
 def _cli(workdir, *extra):
     flags = [f"--config.{k}={v}".replace(" ", "") for k, v in
              {**{f"model.{k}": v for k, v in TINY_MODEL.items()}, **TINY_TRAIN}.items()]
-    return subprocess.run([sys.executable, "-m", "varedit_jax.train_tokenizer", "--config", "configs/toy_tokenizer.py",
+    return subprocess.run([sys.executable, "-m", "varedit_jax.assets.toy_image_tokenizer", "--config",
+                           "configs/toy_image_tokenizer.py",
                            "--workdir", str(workdir), *flags, *extra], cwd=REPO_ROOT,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=600)
 
@@ -40,7 +41,7 @@ def resumed_run(tmp_path_factory):
     """6 steps through the CLI, then an in-process call to 8 steps in the same workdir (which must resume at 6)."""
     workdir = tmp_path_factory.mktemp("toy_tok")
     cli = _cli(workdir)
-    resumed = train_tokenizer.train(_config(num_steps=8), workdir)
+    resumed = toy_image_tokenizer.train(_config(num_steps=8), workdir)
     return workdir, cli, resumed
 
 
@@ -59,18 +60,18 @@ def test_rerunning_resumes_and_the_workdir_is_a_tokenizer(resumed_run, capsys):
     assert [m["step"] for m in _metrics(workdir)] == [1, 2, 3, 4, 5, 6, 7, 8]
     assert resumed["step"] == 8 and np.isfinite(resumed["eval_psnr"])
     assert checkpoint.resolve(workdir) == (workdir / "checkpoints", 8)
-    model = cv.load_tokenizer(workdir)
+    model = loading.load_image_tokenizer(workdir)
     assert model.stride == 2 and model.codebook_dim == 16
     config = checkpoint.load_config(workdir)
-    assert config.kind == "vae" and config.num_steps == 8
-    train_tokenizer.train(_config(num_steps=8), workdir)
+    assert config.kind == "image_tokenizer" and config.num_steps == 8
+    toy_image_tokenizer.train(_config(num_steps=8), workdir)
     assert "already at step 8" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_resume_is_exact(resumed_run, tmp_path):
     workdir, _, _ = resumed_run
-    train_tokenizer.train(_config(num_steps=8), tmp_path)  # the same 8 steps without interruption
+    toy_image_tokenizer.train(_config(num_steps=8), tmp_path)  # the same 8 steps without interruption
     _, straight = checkpoint.load_params(tmp_path)
     _, resumed = checkpoint.load_params(workdir)
     for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):

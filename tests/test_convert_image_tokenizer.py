@@ -11,9 +11,8 @@ import pytest
 import safetensors.numpy
 
 from helpers import REPO_ROOT, fixture_dir, load_index
-from varedit_jax import checkpoint, configlib, tokenizer
-from varedit_jax.convert import io
-from varedit_jax.convert import vae as cv
+from varedit_jax import checkpoint, configlib, image_tokenizer, loading, state_dicts
+from varedit_jax.convert import image_tokenizer as cv
 
 FAMILIES = ["vae", "vae_d56"]
 TINY = dict(base_ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, patch_size=4, codebook_dim=6)
@@ -63,7 +62,7 @@ def test_canonical_spellings():
 
 
 def test_official_d32_key_count():
-    config = configlib.load(REPO_ROOT / "configs/vae_d32.py")
+    config = configlib.load(REPO_ROOT / "configs/image_tokenizer_d32.py")
     shapes = cv.expected_shapes(config.model)
     assert shapes["encoder.conv_out.conv.weight"] == (32, 512, 3, 3) and shapes["quantize.lfq.mask"] == (32,)
     assert shapes["encoder.down.1.block.0.nin_shortcut.conv.weight"] == (256, 128, 1, 1)
@@ -73,14 +72,14 @@ def test_official_d32_key_count():
 
 
 def test_random_model_round_trip_and_config_inference(tmp_path):
-    cfg = tokenizer.default_model_config(**TINY)
-    model = tokenizer.build(cfg)
-    params = tokenizer.param_dict(model)
+    cfg = image_tokenizer.default_model_config(**TINY)
+    model = image_tokenizer.build(cfg)
+    params = image_tokenizer.param_dict(model)
     sd = cv.export_weights(cfg, params)
     assert sd["quantize.lfq.mask"].dtype == np.int64 and list(sd["quantizer.lfq.mask"]) == [32, 16, 8, 4, 2, 1]
     config, back = cv.import_weights(sd)
     _assert_same_params(params, back)
-    assert config.kind == "vae" and tuple(config.model.ch_mult) == TINY["ch_mult"]
+    assert config.kind == "image_tokenizer" and tuple(config.model.ch_mult) == TINY["ch_mult"]
     assert all(config.model[k] == v for k, v in TINY.items() if k != "ch_mult")
     # through an orbax checkpoint (list indices come back as strings) the export is identical
     stored_config, stored = checkpoint.load_params(checkpoint.save_params(tmp_path / "ckpt", params, config))
@@ -89,7 +88,7 @@ def test_random_model_round_trip_and_config_inference(tmp_path):
 
 
 def test_non_tokenizer_state_dict_is_refused():
-    with pytest.raises(io.StateDictMismatch, match="not a BSQ tokenizer"):
+    with pytest.raises(state_dicts.StateDictMismatch, match="not a BSQ tokenizer"):
         cv.import_weights({"head.weight": np.zeros((4, 4), np.float32)})
 
 
@@ -150,19 +149,19 @@ def test_mismatched_files_are_refused(folder):
     path, _, weights = _weights(folder)
     original = safetensors.numpy.load_file(weights)
     victim = "decoder.up.0.block.1.conv2.conv.weight"
-    with pytest.raises(io.StateDictMismatch, match=re.escape(victim)):
+    with pytest.raises(state_dicts.StateDictMismatch, match=re.escape(victim)):
         cv.import_weights({k: v for k, v in original.items() if k != victim})
-    with pytest.raises(io.StateDictMismatch, match="unexpected keys.*decoder.extra.weight"):
+    with pytest.raises(state_dicts.StateDictMismatch, match="unexpected keys.*decoder.extra.weight"):
         cv.import_weights({**original, "decoder.extra.weight": np.zeros(3, np.float32)})
-    with pytest.raises(io.StateDictMismatch, match="first shape mismatch: " + re.escape(victim)):
+    with pytest.raises(state_dicts.StateDictMismatch, match="first shape mismatch: " + re.escape(victim)):
         cv.import_weights({**original, victim: original[victim][:, :-1]})
-    with pytest.raises(io.StateDictMismatch, match="given twice"):
+    with pytest.raises(state_dicts.StateDictMismatch, match="given twice"):
         cv.import_weights({**original, _unwrap(victim): original[victim]})
     config = cv.config_from_file(path / "config.json")
-    config.model = tokenizer.default_model_config(**{**config.model.to_dict(), "codebook_dim": 3})
-    with pytest.raises(io.StateDictMismatch, match="codebook_dim: config 3 vs weights"):
+    config.model = image_tokenizer.default_model_config(**{**config.model.to_dict(), "codebook_dim": 3})
+    with pytest.raises(state_dicts.StateDictMismatch, match="codebook_dim: config 3 vs weights"):
         cv.import_weights(weights, config)
-    with pytest.raises(io.StateDictMismatch, match="lfq.mask"):
+    with pytest.raises(state_dicts.StateDictMismatch, match="lfq.mask"):
         cv.import_weights({**original, "quantize.lfq.mask": original["quantize.lfq.mask"][::-1].copy()})
 
 
@@ -172,11 +171,11 @@ def test_cli_round_trip_refusal_and_load_tokenizer(tmp_path):
     original = safetensors.numpy.load_file(weights)
     bad = tmp_path / "bad.safetensors"
     safetensors.numpy.save_file({k: v for k, v in original.items() if "mid.block_2" not in k}, str(bad))
-    result = _run_cli("import", "--kind", "vae", "--src", str(bad), "--out", str(tmp_path / "refused"))
+    result = _run_cli("import", "--kind", "image_tokenizer", "--src", str(bad), "--out", str(tmp_path / "refused"))
     assert result.returncode == 2 and "missing keys" in result.stderr and "mid.block_2" in result.stderr
     assert not (tmp_path / "refused").exists()
 
-    result = _run_cli("import", "--kind", "vae", "--src", str(weights), "--out", str(tmp_path / "ckpt"),
+    result = _run_cli("import", "--kind", "image_tokenizer", "--src", str(weights), "--out", str(tmp_path / "ckpt"),
                       "--config", str(path / "config.json"))
     assert result.returncode == 0, result.stderr
     result = _run_cli("export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out.safetensors"))
@@ -185,12 +184,12 @@ def test_cli_round_trip_refusal_and_load_tokenizer(tmp_path):
     assert exported.keys() == original.keys()
     assert all(exported[k].dtype == original[k].dtype and np.array_equal(exported[k], original[k]) for k in original)
 
-    from_ckpt, from_file = cv.load_tokenizer(tmp_path / "ckpt"), cv.load_tokenizer(weights)
-    _assert_same_params(tokenizer.param_dict(from_ckpt), tokenizer.param_dict(from_file))
+    from_ckpt, from_file = loading.load_image_tokenizer(tmp_path / "ckpt"), loading.load_image_tokenizer(weights)
+    _assert_same_params(image_tokenizer.param_dict(from_ckpt), image_tokenizer.param_dict(from_file))
     assert from_ckpt.config == from_file.config
     checkpoint.save_params(tmp_path / "other", {"w": np.zeros(2, np.float32)},
                            configlib.override(cv.config_from_file(path / "config.json"), {"kind": "t5"}))
-    with pytest.raises(ValueError, match="not a tokenizer"):
-        cv.load_tokenizer(tmp_path / "other")
+    with pytest.raises(ValueError, match="not one of image tokenizer kind"):
+        loading.load_image_tokenizer(tmp_path / "other")
     with pytest.raises(FileNotFoundError):
-        cv.load_tokenizer(tmp_path / "nothing_here")
+        loading.load_image_tokenizer(tmp_path / "nothing_here")

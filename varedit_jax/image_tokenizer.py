@@ -1,4 +1,4 @@
-"""The BSQ tokenizer autoencoder of Infinity (official `flux_vqgan.AutoEncoder`), in Flax NNX.
+"""The image tokenizer: the BSQ autoencoder of Infinity (official `flux_vqgan.AutoEncoder`), in Flax NNX.
 
 A Flux/SD-style convolutional encoder and decoder around the multi-scale binary spherical quantizer of
 `varedit_jax.quantizer` (no attention blocks, no learnable quantizer parameters). Released families:
@@ -29,8 +29,9 @@ import ml_collections
 from flax import nnx
 
 from varedit_jax import quantizer
-from varedit_jax.params import load_param_dict, param_dict  # noqa: F401  (re-exported: tokenizer.param_dict)
+from varedit_jax.params import load_param_dict, param_dict  # noqa: F401  (re-exported: image_tokenizer.param_dict)
 
+KIND = "image_tokenizer"  # the `kind` of its stored configs
 NORM_EPS = 1e-6
 _PRECISIONS = {"highest": jax.lax.Precision.HIGHEST, "default": jax.lax.Precision.DEFAULT}
 
@@ -224,8 +225,8 @@ class Decoder(nnx.Module):
         return self.conv_out(swish(self.norm_out(h)))
 
 
-class AutoEncoder(nnx.Module):
-    """The tokenizer: `encode` (raw features), `quantize` (multi-scale BSQ), `decode` (clamped), `decode_from_bits`.
+class ImageTokenizer(nnx.Module):
+    """The image tokenizer: `encode` (raw features), `quantize` (multi-scale BSQ), `decode` (clamped), `decode_from_bits`.
 
     config: the model sub-config with base_ch, ch_mult, num_res_blocks, patch_size, codebook_dim, patchify,
       precision ('highest' keeps fp32 convolutions on TPU, 'default' lets the backend pick) and norm_groups
@@ -286,11 +287,11 @@ def default_model_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
-def build(config: ml_collections.ConfigDict, params: dict | None = None, *, seed: int = 0) -> AutoEncoder:
-    """An AutoEncoder of the model config: random init (one jitted program, RBG keys: they compile several times
+def build(config: ml_collections.ConfigDict, params: dict | None = None, *, seed: int = 0) -> ImageTokenizer:
+    """An ImageTokenizer of the model config: random init (one jitted program, RBG keys: they compile several times
     faster than threefry on CPU) or, with `params`, their values (built abstractly, no random init)."""
     if params is None:
-        return nnx.jit(lambda: AutoEncoder(config, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg"))))()
-    model = nnx.eval_shape(lambda: AutoEncoder(config, rngs=nnx.Rngs(0)))
+        return nnx.jit(lambda: ImageTokenizer(config, rngs=nnx.Rngs(jax.random.key(seed, impl="rbg"))))()
+    model = nnx.eval_shape(lambda: ImageTokenizer(config, rngs=nnx.Rngs(0)))
     load_param_dict(model, params)
     return model

@@ -1,4 +1,4 @@
-"""Official BSQ tokenizer weights (Infinity `AutoEncoder` state dicts) <-> varedit_jax `AutoEncoder` parameters.
+"""Official BSQ tokenizer weights (Infinity `AutoEncoder` state dicts) <-> varedit_jax `ImageTokenizer` parameters.
 
 Key table (`key_table`), one row per tensor, used by both directions (HWIO kernels <-> OIHW weights):
   encoder.conv_in.{kernel,bias}                   <-> encoder.conv_in.conv.{weight,bias}
@@ -22,10 +22,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from varedit_jax import checkpoint, configlib, tokenizer
-from varedit_jax.convert import io
+from varedit_jax import configlib, image_tokenizer, state_dicts
+from varedit_jax.params import get_path
 
-KIND = "vae"
+KIND = image_tokenizer.KIND
 NESTED = (("vae",), ("ema",))
 MASK_KEYS = ("quantizer.lfq.mask", "quantize.lfq.mask")
 ARCH_FIELDS = ("base_ch", "ch_mult", "num_res_blocks", "patch_size", "codebook_dim")
@@ -60,7 +60,7 @@ def key_table(model_cfg: ml_collections.ConfigDict) -> list[tuple[tuple, str, st
 
     base, d = model_cfg.base_ch, model_cfg.codebook_dim
     widths = [base * m for m in model_cfg.ch_mult]
-    n_down = tokenizer.num_downsamples(model_cfg.patch_size)
+    n_down = image_tokenizer.num_downsamples(model_cfg.patch_size)
     n_blocks = model_cfg.num_res_blocks
     conv(("encoder", "conv_in"), "encoder.conv_in", 3, base)
     for i, width in enumerate(widths):
@@ -102,11 +102,6 @@ def _from_official(x: np.ndarray, kind: str) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(x, (2, 3, 1, 0))) if kind == "conv" else x
 
 
-def _get(tree, path: tuple):
-    for key in path:
-        tree = tree[key] if key in tree else tree[str(key)]
-    return tree
-
 
 def expected_shapes(model_cfg: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
     """Official key -> shape of every tensor of the architecture (masks included)."""
@@ -136,7 +131,7 @@ def canonicalize(state_dict: dict[str, np.ndarray], what: str) -> dict[str, np.n
     for key, value in state_dict.items():
         name = canonical_key(key)
         if name in out:
-            raise io.StateDictMismatch(f"{what}: {name!r} is given twice (wrapped and unwrapped spellings)")
+            raise state_dicts.StateDictMismatch(f"{what}: {name!r} is given twice (wrapped and unwrapped spellings)")
         out[name] = value
     return out
 
@@ -152,7 +147,7 @@ def infer_model_config(sd: dict[str, np.ndarray], what: str) -> ml_collections.C
     absent = [k for k in required if k not in sd]
     if absent:
         top = sorted({k.split(".")[0] for k in sd})
-        raise io.StateDictMismatch(f"{what}: not a BSQ tokenizer state dict; missing keys {absent} "
+        raise state_dicts.StateDictMismatch(f"{what}: not a BSQ tokenizer state dict; missing keys {absent} "
                                    f"(top-level names found: {top[:10]})")
     base_ch = int(sd["encoder.conv_in.conv.weight"].shape[0])
     levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
@@ -160,13 +155,13 @@ def infer_model_config(sd: dict[str, np.ndarray], what: str) -> ml_collections.C
     for i in levels:
         key = f"encoder.down.{i}.block.0.conv1.conv.weight"
         if key not in sd or sd[key].shape[0] % base_ch:
-            raise io.StateDictMismatch(f"{what}: cannot infer level {i} width from {key!r}")
+            raise state_dicts.StateDictMismatch(f"{what}: cannot infer level {i} width from {key!r}")
         ch_mult.append(int(sd[key].shape[0]) // base_ch)
     n_blocks = len({m.group(1) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
     n_down = sum(f"encoder.down.{i}.downsample.conv.conv.weight" in sd for i in levels)
     patch_size = 2 ** n_down
     d = int(sd["encoder.conv_out.conv.weight"].shape[0])
-    return tokenizer.default_model_config(base_ch=base_ch, ch_mult=tuple(ch_mult), num_res_blocks=n_blocks,
+    return image_tokenizer.default_model_config(base_ch=base_ch, ch_mult=tuple(ch_mult), num_res_blocks=n_blocks,
                                           patch_size=patch_size, codebook_dim=d, patchify=patch_size == 8)
 
 
@@ -178,7 +173,7 @@ def _check_against(given: ml_collections.ConfigDict, inferred: ml_collections.Co
     want, got = _arch(given), _arch(inferred)
     bad = [f"{f}: config {want[f]} vs weights {got[f]}" for f in ARCH_FIELDS if want[f] != got[f]]
     if bad:
-        raise io.StateDictMismatch(f"{what}: the config does not match the weights: " + "; ".join(bad))
+        raise state_dicts.StateDictMismatch(f"{what}: the config does not match the weights: " + "; ".join(bad))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -191,15 +186,15 @@ def _full_config(model_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigD
 
 def _model_config(config: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
     """The complete model config of a full config (kind + model) or of a model config."""
-    return tokenizer.model_config(config.model if "model" in config else config)
+    return image_tokenizer.model_config(config.model if "model" in config else config)
 
 
 def import_weights(src, config: ml_collections.ConfigDict | None = None, *, kind: str = KIND):
     """Official tokenizer weights (file / folder / a state dict) -> (ConfigDict(kind, model), params nested dict)."""
     if kind != KIND:
-        raise ValueError(f"convert.vae imports kind 'vae', got {kind!r}")
+        raise ValueError(f"convert.image_tokenizer imports kind 'image_tokenizer', got {kind!r}")
     what = str(src) if not isinstance(src, dict) else "state dict"
-    raw = src if isinstance(src, dict) else io.read_state_dict(src, nested=NESTED)
+    raw = src if isinstance(src, dict) else state_dicts.read_state_dict(src, nested=NESTED)
     sd = canonicalize(raw, what)
     inferred = infer_model_config(sd, what)
     if config is not None:
@@ -207,13 +202,13 @@ def import_weights(src, config: ml_collections.ConfigDict | None = None, *, kind
         _check_against(model_cfg, inferred, what)
     else:
         model_cfg = inferred
-    model_cfg = tokenizer.model_config(model_cfg)
+    model_cfg = image_tokenizer.model_config(model_cfg)
     expected = expected_shapes(model_cfg)
     for key in MASK_KEYS:
         if key in sd and not np.array_equal(np.asarray(sd[key]), lfq_mask(model_cfg.codebook_dim)):
-            raise io.StateDictMismatch(f"{what}: buffer {key!r} is not 2**(d-1-j) for d = {model_cfg.codebook_dim}")
+            raise state_dicts.StateDictMismatch(f"{what}: buffer {key!r} is not 2**(d-1-j) for d = {model_cfg.codebook_dim}")
     # The mask buffers are optional (unused; the official loader ignores them); everything else must match.
-    io.check_state_dict(sd, {k: s for k, s in expected.items() if k not in MASK_KEYS or k in sd}, what)
+    state_dicts.check_state_dict(sd, {k: s for k, s in expected.items() if k not in MASK_KEYS or k in sd}, what)
     params: dict = {}
     for path, name, kind_, _ in key_table(model_cfg):
         node = params
@@ -230,18 +225,18 @@ def export_weights(config: ml_collections.ConfigDict, params) -> dict[str, np.nd
     out = {}
     for path, name, kind_, _ in key_table(model_cfg):
         try:
-            value = _get(params, path)
+            value = get_path(params, path)
         except (KeyError, TypeError) as e:
-            raise io.StateDictMismatch(f"parameter {'/'.join(map(str, path))} is missing from the checkpoint") from e
+            raise state_dicts.StateDictMismatch(f"parameter {'/'.join(map(str, path))} is missing from the checkpoint") from e
         out[name] = _to_official(np.asarray(jax.device_get(value), np.float32), kind_)
     for key in MASK_KEYS:
         out[key] = lfq_mask(model_cfg.codebook_dim)
-    io.check_state_dict(out, expected_shapes(model_cfg), "exported tokenizer")
+    state_dicts.check_state_dict(out, expected_shapes(model_cfg), "exported tokenizer")
     return out
 
 
 def config_from_file(path, *, kind: str = KIND) -> ml_collections.ConfigDict:
-    """ConfigDict(kind='vae', model=...) from a configs/*.py file, a stored checkpoint config.json, or a fixture
+    """ConfigDict(kind='image_tokenizer', model=...) from a configs/*.py file, a stored checkpoint config.json, or a fixture
     config.json (`{"config": {base_ch, ch_mult, patch_size, codebook_dim, patchify}}`; num_res_blocks defaults to
     the official 2)."""
     spec, path = str(path), pathlib.Path(str(path).partition(":")[0])
@@ -252,27 +247,11 @@ def config_from_file(path, *, kind: str = KIND) -> ml_collections.ConfigDict:
         fields = data["model"] if "model" in data else data.get("config")
         if not isinstance(fields, dict):
             raise ValueError(f"{path}: expected a 'model' or 'config' mapping of tokenizer fields")
-        known = set(tokenizer.REQUIRED_FIELDS) | set(tokenizer.OPTIONAL_FIELDS)
-        model_cfg = tokenizer.default_model_config(**{k: v for k, v in fields.items() if k in known})
+        known = set(image_tokenizer.REQUIRED_FIELDS) | set(image_tokenizer.OPTIONAL_FIELDS)
+        model_cfg = image_tokenizer.default_model_config(**{k: v for k, v in fields.items() if k in known})
     else:
         loaded = configlib.load(spec)
         if loaded.get("kind", kind) != kind:
             raise ValueError(f"{path} is a {loaded.kind!r} config, not {kind!r}")
         model_cfg = loaded.model
-    return _full_config(tokenizer.model_config(model_cfg))
-
-
-def load_tokenizer(path) -> tokenizer.AutoEncoder:
-    """The tokenizer at `path`: official weights (.safetensors / .pth / HF folder), an imported checkpoint, or a
-    toy-tokenizer training workdir. Raises FileNotFoundError / ValueError (StateDictMismatch) with the reason."""
-    path = pathlib.Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"no tokenizer weights or checkpoint at {path}")
-    is_weights = path.is_file() or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
-    if is_weights:
-        config, params = import_weights(path)
-    else:
-        config, params = checkpoint.load_params(path)
-        if config.get("kind") != KIND:
-            raise ValueError(f"{path} holds a {config.get('kind')!r} checkpoint, not a tokenizer ('vae')")
-    return tokenizer.build(_model_config(config), params)
+    return _full_config(image_tokenizer.model_config(model_cfg))

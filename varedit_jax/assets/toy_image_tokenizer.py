@@ -1,13 +1,15 @@
-"""Trains the toy BSQ tokenizer (the official autoencoder class with a tiny config) on the procedural toy images.
+"""Trains the toy image tokenizer (the official autoencoder class with a tiny config) on the procedural toy images.
 
-  python -m varedit_jax.train_tokenizer --config configs/toy_tokenizer.py --workdir DIR [--config.num_steps=100]
+  python -m varedit_jax.assets.toy_image_tokenizer --config configs/toy_image_tokenizer.py --workdir DIR \
+      [--config.num_steps=100]
 
 Loss: l1 + mse reconstruction of the decoder output from the multi-scale BSQ latent (straight-through codes) plus a
 commitment term pulling the raw features towards the (stopped) quantized latent. AdamW, warmup + cosine LR.
 Single device (the toy default runs on a CPU).
 
 Workdir:
-  checkpoints/<step>/   params + config (`checkpoint.save_params`, kind 'vae'): the workdir works as `--vae` anywhere
+  checkpoints/<step>/   params + config (`checkpoint.save_params`, kind 'image_tokenizer'): the workdir works as
+                        the image tokenizer anywhere (`image_tokenizer.path`, `--image-tokenizer`)
   train_state/<step>/   optimizer state for resuming (re-running the same command resumes from the newest step)
   metrics.jsonl         one JSON line per log step
 Images: step s uses images s*B .. s*B + B - 1 of the stream (pair i // 2, source if i is even else target) of
@@ -29,7 +31,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from data_pipelines import toy
-from varedit_jax import checkpoint, schedules, tokenizer
+from varedit_jax import checkpoint, image_tokenizer, images, schedules
 
 TRAIN_STATE = "train_state"
 
@@ -44,7 +46,7 @@ def toy_images(seed: int, first: int, count: int, size: int) -> np.ndarray:
             raise ValueError(f"toy.render_pair returned an image of shape {img.shape} / {img.dtype}, "
                              f"expected ({size}, {size}, 3) uint8")
         out.append(img)
-    return np.stack(out).astype(np.float32) / 127.5 - 1.0
+    return images.to_model_range(np.stack(out))
 
 
 def train_schedule(config: ml_collections.ConfigDict) -> tuple[schedules.Schedule, int]:
@@ -57,21 +59,17 @@ def train_schedule(config: ml_collections.ConfigDict) -> tuple[schedules.Schedul
     return sched, h
 
 
-def loss_fn(model: tokenizer.AutoEncoder, images: jax.Array, sched, config) -> tuple[jax.Array, dict]:
-    recon, codes, features = model(images, sched)
-    err = recon - images
+def loss_fn(model: image_tokenizer.ImageTokenizer, pixels: jax.Array, sched, config) -> tuple[jax.Array, dict]:
+    recon, codes, features = model(pixels, sched)
+    err = recon - pixels
     l1, mse = jnp.mean(jnp.abs(err)), jnp.mean(err ** 2)
     commit = jnp.mean((features - jax.lax.stop_gradient(codes.quantized)) ** 2)
     loss = config.l1_weight * l1 + config.mse_weight * mse + config.commitment_weight * commit
-    return loss, {"loss": loss, "l1": l1, "mse": mse, "commit": commit, "psnr": psnr(jnp.clip(recon, -1, 1), images)}
+    clipped_mse = jnp.mean((jnp.clip(recon, -1, 1) - pixels) ** 2)
+    return loss, {"loss": loss, "l1": l1, "mse": mse, "commit": commit, "clipped_mse": clipped_mse}
 
 
-def psnr(a: jax.Array, b: jax.Array) -> jax.Array:
-    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
-    return 10.0 * jnp.log10(4.0 / jnp.maximum(jnp.mean((a - b) ** 2), 1e-10))
-
-
-def make_optimizer(model: tokenizer.AutoEncoder, config) -> nnx.Optimizer:
+def make_optimizer(model: image_tokenizer.ImageTokenizer, config) -> nnx.Optimizer:
     lr = optax.warmup_cosine_decay_schedule(0.0, config.lr, config.warmup_steps,
                                             max(config.num_steps, config.warmup_steps + 1),
                                             config.lr * config.end_lr_ratio)
@@ -100,7 +98,7 @@ def save(workdir: pathlib.Path, step: int, model, optimizer, config) -> None:
     with _state_manager(workdir) as mngr:
         mngr.save(step, args=ocp.args.Composite(opt=ocp.args.StandardSave(nnx.state(optimizer))))
         mngr.wait_until_finished()
-    checkpoint.save_params(workdir / "checkpoints", tokenizer.param_dict(model), config, step=step)
+    checkpoint.save_params(workdir / "checkpoints", image_tokenizer.param_dict(model), config, step=step)
 
 
 def restore_optimizer(workdir: pathlib.Path, step: int, optimizer) -> None:
@@ -114,49 +112,51 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     """Runs (or resumes) training to `config.num_steps`; returns the last logged metrics."""
     workdir = pathlib.Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    if config.kind != "vae":
-        raise ValueError(f"the tokenizer trainer needs a 'vae' config, got kind {config.kind!r}")
+    if config.kind != image_tokenizer.KIND:
+        raise ValueError(f"the toy tokenizer trainer needs an {image_tokenizer.KIND!r} config, got kind "
+                         f"{config.kind!r}")
     sched, size = train_schedule(config)
     start = _resume_step(workdir)
     if start is None:
-        model = tokenizer.build(config.model, seed=config.seed)
+        model = image_tokenizer.build(config.model, seed=config.seed)
     else:
-        model = tokenizer.build(config.model, checkpoint.load_params(workdir / "checkpoints" / str(start))[1])
+        model = image_tokenizer.build(config.model, checkpoint.load_params(workdir / "checkpoints" / str(start))[1])
     optimizer = make_optimizer(model, config)
     if start is not None:
         restore_optimizer(workdir, start, optimizer)
         print(f"resumed from {workdir} at step {start}", flush=True)
     start = start or 0
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tokenizer.param_dict(model)))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(image_tokenizer.param_dict(model)))
     print(f"toy tokenizer: {n_params:,} parameters, {size}x{size} px, {len(sched)} scales up to {sched[-1]}, "
           f"d={config.model.codebook_dim}, batch {config.batch_size}, steps {start}..{config.num_steps}", flush=True)
 
     @nnx.jit
-    def train_step(model, optimizer, images):
-        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, images, sched, config)
+    def train_step(model, optimizer, pixels):
+        (_, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, pixels, sched, config)
         optimizer.update(model, grads)
         return dict(metrics, grad_norm=optax.tree.norm(grads))
 
     @nnx.jit
-    def eval_psnr(model, images):
-        return psnr(model.decode(model.quantize(model.encode(images), sched).quantized), images)
+    def eval_mse(model, pixels):
+        return jnp.mean((model.decode(model.quantize(model.encode(pixels), sched).quantized) - pixels) ** 2)
 
     eval_images = toy_images(config.data.eval_seed, 0, config.data.eval_images, size)
     metrics, last = {}, {}
     t0, step = time.time(), start
     with open(workdir / "metrics.jsonl", "a") as log:
         for step in range(start, config.num_steps):
-            images = toy_images(config.data.seed, step * config.batch_size, config.batch_size, size)
-            metrics = train_step(model, optimizer, jnp.asarray(images))
+            batch = toy_images(config.data.seed, step * config.batch_size, config.batch_size, size)
+            metrics = train_step(model, optimizer, jnp.asarray(batch))
             done = step + 1
             if done % config.log_every == 0 or done == config.num_steps:
                 last = {k: float(v) for k, v in metrics.items()}
+                last["psnr"] = images.psnr_from_mse(last.pop("clipped_mse"), data_range=2.0)
                 if not np.isfinite(last["loss"]):
                     raise FloatingPointError(f"loss is {last['loss']} at step {done}")
                 rate = (done - start) / (time.time() - t0)
                 last.update(step=done, steps_per_s=rate)
                 if done % config.checkpoint_every == 0 or done == config.num_steps:
-                    last["eval_psnr"] = float(eval_psnr(model, jnp.asarray(eval_images)))
+                    last["eval_psnr"] = images.psnr_from_mse(float(eval_mse(model, jnp.asarray(eval_images))), 2.0)
                 log.write(json.dumps(last) + "\n")
                 log.flush()
                 print(f"step {done}/{config.num_steps} loss {last['loss']:.4f} l1 {last['l1']:.4f} "

@@ -1,12 +1,12 @@
-"""The tiny default's assets, built once and reused: the toy dataset (train + eval splits), the toy tokenizer and the
-toy text encoder.
+"""The tiny default's assets, built once and reused: the toy dataset (train + eval splits), the toy image tokenizer
+(`assets.toy_image_tokenizer`, trained here) and the toy text encoder (`assets.toy_text_encoder`).
 
 They live in a cache directory (`$VAREDIT_CACHE`, default `~/.cache/varedit_jax`), one folder per asset named by a
 hash of everything that determines it, so a changed setting builds a new one and an unchanged one is reused across
 runs, sweeps and processes. A file lock per asset makes concurrent processes build it once; a build interrupted
 half-way is resumed or redone (each builder is itself resumable / atomic).
 
-`resolve(config)` fills the empty paths of a training config (`vae.path`, `text.path`, `data.paths`,
+`resolve(config)` fills the empty paths of a training config (`image_tokenizer.path`, `text.path`, `data.paths`,
 `data.spiece_model`, `eval_data.paths`) from `config.toy` and returns a copy; configs that name real assets pass
 through unchanged. A multi-process run builds them first in a single-process child (`build_in_child`), before
 joining `jax.distributed`: the builders' JAX work and checkpoint barriers must not involve the other processes.
@@ -24,21 +24,13 @@ import ml_collections
 
 from data_pipelines import build as data_build
 from data_pipelines import toy
-from varedit_jax import configlib, schedules, text, train_tokenizer
-from varedit_jax.convert import t5 as convert_t5
+from varedit_jax import configlib, schedules, text
+from varedit_jax.assets import toy_image_tokenizer, toy_text_encoder
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-TOY_TOKENIZER_CONFIG = REPO / "configs" / "toy_tokenizer.py"
+REPO = pathlib.Path(__file__).resolve().parent.parent.parent
+TOY_IMAGE_TOKENIZER_CONFIG = REPO / "configs" / "toy_image_tokenizer.py"
 TOY_TEXT_CONFIG = REPO / "configs" / "toy_text.py"
 TOY_STRIDE = 4
-
-
-def default_toy_config() -> ml_collections.ConfigDict:
-    """`config.toy`: what the toy assets are built from."""
-    return ml_collections.ConfigDict(dict(
-        num_pairs=4000, seed=0,            # training split
-        eval_pairs=64, eval_seed=1,        # held-out split (validation loss, ablation scores)
-        tokenizer_steps=600))              # toy tokenizer training steps (configs/toy_tokenizer.py otherwise)
 
 
 def cache_dir() -> pathlib.Path:
@@ -72,17 +64,17 @@ def toy_dataset(num: int, seed: int, size: int) -> pathlib.Path:
     return out
 
 
-def toy_tokenizer(steps: int, seed: int) -> pathlib.Path:
-    """A toy tokenizer workdir (`configs/toy_tokenizer.py` trained for `steps` steps on toy images)."""
-    config = configlib.load(TOY_TOKENIZER_CONFIG)
+def toy_image_tokenizer_workdir(steps: int, seed: int) -> pathlib.Path:
+    """A toy image tokenizer workdir (`configs/toy_image_tokenizer.py` trained for `steps` steps on toy images)."""
+    config = configlib.load(TOY_IMAGE_TOKENIZER_CONFIG)
     config.num_steps, config.seed = steps, seed
     config.checkpoint_every = min(config.checkpoint_every, steps)
-    out = cache_dir() / f"toy_tokenizer-{_digest(config.to_dict())}"
+    out = cache_dir() / f"toy_image_tokenizer-{_digest(config.to_dict())}"
     with _locked(out):
         done = out / "checkpoints" / str(steps)
         if not done.is_dir():
-            print(f"[assets] training the toy tokenizer ({steps} steps) in {out}", flush=True)
-            train_tokenizer.train(config, out)
+            print(f"[assets] training the toy image tokenizer ({steps} steps) in {out}", flush=True)
+            toy_image_tokenizer.train(config, out)
     return out
 
 
@@ -91,17 +83,17 @@ def toy_corpus(seed: int, num: int = 1000) -> list[str]:
     return [toy.render_pair(seed, i, toy.MIN_SIZE * 2)["instruction"] for i in range(num)]
 
 
-def toy_text_encoder(seed: int) -> pathlib.Path:
+def toy_text_encoder_dir(seed: int) -> pathlib.Path:
     """A toy T5 encoder folder of `configs/toy_text.py`'s sizes (random weights, sentencepiece on the toy
-    instructions)."""
+    instructions; `toy_text_encoder.build`)."""
     m = configlib.load(TOY_TEXT_CONFIG).model
     sizes = dict(d_model=m.d_model, d_kv=m.d_kv, num_heads=m.num_heads, d_ff=m.d_ff, num_layers=m.num_layers,
                  vocab_size=m.vocab_size)
-    out = cache_dir() / f"toy_text-{_digest(dict(sizes, seed=seed))}"
+    out = cache_dir() / f"toy_text_encoder-{_digest(dict(sizes, seed=seed))}"
     with _locked(out):
-        if not (out / text.SPIECE_FILE).is_file():
+        if not (out / toy_text_encoder.MANIFEST).is_file():
             print(f"[assets] building the toy text encoder (width {m.d_model}) in {out}", flush=True)
-            convert_t5.build_toy_text_encoder(out, toy_corpus(seed), seed=seed, **sizes)
+            toy_text_encoder.build(out, toy_corpus(seed), seed=seed, **sizes)
     return out
 
 
@@ -110,10 +102,10 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict(config.to_dict())
     t = config.toy
     size = schedules.pixel_size(schedules.scale_schedule(config.data.templates[0], config.data.pn), TOY_STRIDE)[0]
-    if not config.vae.path:
-        config.vae.path = str(toy_tokenizer(t.tokenizer_steps, t.seed))
+    if not config.image_tokenizer.path:
+        config.image_tokenizer.path = str(toy_image_tokenizer_workdir(t.image_tokenizer_steps, t.seed))
     if not config.text.path:
-        config.text.path = str(toy_text_encoder(t.seed))
+        config.text.path = str(toy_text_encoder_dir(t.seed))
     if not config.data.paths:
         config.data.paths = (str(toy_dataset(t.num_pairs, t.seed, size)),)
         config.data.stride = TOY_STRIDE
@@ -128,12 +120,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def build_in_child(config: ml_collections.ConfigDict) -> None:
     """Builds (or finds) the toy assets `resolve` would fill in, in a child interpreter (`python -m
     varedit_jax.assets`, config JSON on stdin); a no-op for configs that name every asset."""
-    if all((config.vae.path, config.text.path, config.data.paths, config.eval_data.paths)):
+    if all((config.image_tokenizer.path, config.text.path, config.data.paths, config.eval_data.paths)):
         return
     proc = subprocess.run([sys.executable, "-m", "varedit_jax.assets"], input=config.to_json(), text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"building the toy assets failed (exit code {proc.returncode}; see above)")
-
-
-if __name__ == "__main__":
-    resolve(ml_collections.ConfigDict(json.loads(sys.stdin.read())))

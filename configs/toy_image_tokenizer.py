@@ -1,10 +1,10 @@
-"""Toy BSQ tokenizer for the tiny CPU default: the official autoencoder class at a few percent of the width.
+"""Toy image tokenizer (BSQ) for the tiny CPU default: the official autoencoder class at a few percent of the width.
 
 64 x 64 px images (the 1.0 template at 0.06M: 7 scales up to 16 x 16 = 521 tokens, stride 4), d = 16 bits per token.
 Trained on the procedural toy editing images (`data_pipelines.toy.render_pair`, sources and targets):
 
-  python -m varedit_jax.train_tokenizer --config configs/toy_tokenizer.py --workdir runs/toy_tokenizer
-  python -m varedit_jax.reconstruct --vae runs/toy_tokenizer --image IN.png --out RECON.png
+  python -m varedit_jax.assets.toy_image_tokenizer --config configs/toy_image_tokenizer.py --workdir runs/toy_tok
+  python -m varedit_jax.reconstruct --image_tokenizer runs/toy_tok --image IN.png --out RECON.png
 """
 import ml_collections
 
@@ -12,7 +12,7 @@ import ml_collections
 def get_config(arg=None):
     del arg
     config = ml_collections.ConfigDict()
-    config.kind = "vae"
+    config.kind = "image_tokenizer"
     config.model = ml_collections.ConfigDict(dict(
         base_ch=16,
         ch_mult=(1, 2, 2),

@@ -7,7 +7,7 @@ import ml_collections
 def get_config(arg=None):
     del arg
     config = ml_collections.ConfigDict()
-    config.kind = "vae"
+    config.kind = "image_tokenizer"
     config.model = ml_collections.ConfigDict(dict(
         base_ch=128,
         ch_mult=(1, 2, 4, 4),

@@ -10,8 +10,8 @@ from flax import nnx
 
 from bsq_compare import TIE, max_err, nhwc, teacher_force
 from helpers import case_params, load_index, load_npz
-from varedit_jax import configlib, quantizer as Q, schedules, sharding, tokenizer
-from varedit_jax.convert import vae as convert_vae
+from varedit_jax import configlib, image_tokenizer, quantizer as Q, schedules, sharding
+from varedit_jax.convert import image_tokenizer as convert_image_tokenizer
 
 LATENT_TOL, IMAGE_TOL, QUANT_TOL = 5e-5, 1e-4, 1e-6
 REPO = __import__("helpers").REPO_ROOT
@@ -19,18 +19,18 @@ TINY = dict(base_ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_size=2, codebook
 
 
 def _config(**overrides):
-    return tokenizer.default_model_config(**{**TINY, **overrides})
+    return image_tokenizer.default_model_config(**{**TINY, **overrides})
 
 
 def _abstract(**overrides):
     """Structure only (no random init, nothing compiled)."""
-    return nnx.eval_shape(lambda: tokenizer.AutoEncoder(_config(**overrides), rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: image_tokenizer.ImageTokenizer(_config(**overrides), rngs=nnx.Rngs(0)))
 
 
 @pytest.fixture(scope="module")
 def tiny():
     """One randomly initialised tiny model for the tests that compute (random init compiles per shape)."""
-    return tokenizer.build(_config())
+    return image_tokenizer.build(_config())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -49,9 +49,9 @@ def test_shapes_stride_clamp_and_bad_sizes(tiny):
 
 
 def test_group_norm_rule():
-    assert tokenizer.norm_groups(64) == 32 and tokenizer.norm_groups(48) == 24 and tokenizer.norm_groups(16, 4) == 4
+    assert image_tokenizer.norm_groups(64) == 32 and image_tokenizer.norm_groups(48) == 24 and image_tokenizer.norm_groups(16, 4) == 4
     with pytest.raises(ValueError, match="neither 32 nor 24"):
-        tokenizer.norm_groups(40)
+        image_tokenizer.norm_groups(40)
     with pytest.raises(ValueError, match="neither 32 nor 24"):
         _abstract(base_ch=20)
     with pytest.raises(ValueError, match="not divisible by norm_groups"):
@@ -71,7 +71,7 @@ def test_every_parameter_has_logical_axes_from_the_vocabulary():
 
 
 def test_downsample_pads_right_and_bottom_only():
-    layer = tokenizer.Downsample(4, tokenizer.Layers(jax.lax.Precision.HIGHEST, 0), rngs=nnx.Rngs(1))
+    layer = image_tokenizer.Downsample(4, image_tokenizer.Layers(jax.lax.Precision.HIGHEST, 0), rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(2), (1, 6, 5, 4))
     padded = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
     want = jax.lax.conv_general_dilated(padded, layer.conv.kernel[...], (2, 2), "VALID",
@@ -81,7 +81,7 @@ def test_downsample_pads_right_and_bottom_only():
 
 
 def test_decode_from_bits_equals_decoding_the_quantized_latent(tiny):
-    model = tokenizer.build(_config(patchify=True), tokenizer.param_dict(tiny))
+    model = image_tokenizer.build(_config(patchify=True), image_tokenizer.param_dict(tiny))
     sched = ((1, 1), (2, 2))
     x = jax.random.uniform(jax.random.key(3), (1, 8, 8, 3), minval=-1, maxval=1)
     codes = jax.jit(lambda x: model.quantize(model.encode(x), sched))(x)
@@ -91,13 +91,13 @@ def test_decode_from_bits_equals_decoding_the_quantized_latent(tiny):
                                np.asarray(jax.jit(model.decode)(codes.quantized)), atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["vae_d32", "vae_d56"])
+@pytest.mark.parametrize("family", ["image_tokenizer_d32", "image_tokenizer_d56"])
 def test_official_architectures_build(family):
     cfg = configlib.load(REPO / "configs" / f"{family}.py")
-    model = nnx.eval_shape(lambda: tokenizer.AutoEncoder(cfg.model, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: image_tokenizer.ImageTokenizer(cfg.model, rngs=nnx.Rngs(0)))
     count = lambda m: sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(m, nnx.Param)))
     assert model.stride == 16
-    if family == "vae_d32":  # infinity_official.md 1.2: encoder 45.03M, decoder 65.09M parameters
+    if family == "image_tokenizer_d32":  # infinity_official.md 1.2: encoder 45.03M, decoder 65.09M parameters
         assert round(count(model.encoder) / 1e6, 2) == 45.03 and round(count(model.decoder) / 1e6, 2) == 65.09
     else:
         assert model.encoder.conv_out.kernel.shape == (3, 3, 512, 14) and len(model.decoder.up) == 4
@@ -113,9 +113,9 @@ VAE_CASES = case_params("vae") + case_params("vae_d56")
 @functools.lru_cache(maxsize=None)
 def _model(path):
     index = load_index(path / "config.json")
-    config = convert_vae.config_from_file(path / "config.json")
-    _, params = convert_vae.import_weights(path / index.get("weights", "weights.safetensors"), config)
-    model = tokenizer.build(config.model, params)
+    config = convert_image_tokenizer.config_from_file(path / "config.json")
+    _, params = convert_image_tokenizer.import_weights(path / index.get("weights", "weights.safetensors"), config)
+    model = image_tokenizer.build(config.model, params)
     fns = dict(encode=jax.jit(model.encode), decoder=jax.jit(model.decoder), decode=jax.jit(model.decode),
                quantize=jax.jit(Q.encode_multiscale, static_argnums=1),
                flip_requant=jax.jit(Q.flip_requant, static_argnums=1, static_argnames="patchify"))
