@@ -1,19 +1,31 @@
-"""Shared pytest setup: 8 simulated CPU devices, markers and `--quick`.
+"""Shared pytest setup: 8 simulated CPU devices, one asset cache and one XLA compilation cache per session, the
+session's tiny trained run, markers and `--quick`.
 
 Markers (declared in pytest.ini):
   slow    long tests; `--quick` deselects them, and composes with `-m parity` etc.
   parity  numerical parity with fixtures produced by the official PyTorch code.
 
-Fixture discovery helpers for parity tests live in tests/helpers.py.
+The session directory (removed at the end) holds `assets/` (`VAREDIT_CACHE`: the toy dataset, tokenizer and text
+encoder of `helpers.SMALL`, built once for every test and subprocess) and `xla/` (JAX's persistent compilation
+cache: a program compiled by one test or subprocess is loaded, not recompiled, by the next). Fixture discovery
+helpers for parity tests live in tests/helpers.py.
 """
 import os
+import shutil
+import tempfile
 
+_SESSION = tempfile.mkdtemp(prefix="varedit_tests_")
 # Every test process sees 8 CPU devices, so sharding tests run in-process (must precede the first jax import).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # The suite runs on CPU (libtpu from the tpu extra is only used for AOT compiles against TPU topologies).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("VAREDIT_CACHE", os.path.join(_SESSION, "assets"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_SESSION, "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
+
+from helpers import small_config  # noqa: E402
 
 
 def pytest_addoption(parser):
@@ -29,3 +41,17 @@ def pytest_collection_modifyitems(config, items):
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """The session's tiny trained run: `helpers.small_config()` trained for 4 steps (checkpoints at 2 and 4) in a
+    workdir tests may read but not change; returns (workdir, summary)."""
+    from varedit_jax import train
+    workdir = tmp_path_factory.mktemp("trained_run")
+    summary = train.train(small_config(total_steps=4, checkpoint_every=2), workdir)
+    return workdir, summary

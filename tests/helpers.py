@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: the parity-fixture root and case discovery.
+"""Helpers shared by the tests: the parity-fixture root and case discovery, and the small training config.
 
 Parity tests read fixtures from `$VAREDIT_FIXTURES` (default: tests/fixtures, copies of ../shared/fixtures).
 Cases come from each folder's own index (`quantizer/cases.json`, `config.json["cases"]`, `t5/prompts.json`),
@@ -60,3 +60,22 @@ def load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
         raise FileNotFoundError(f"fixture file {path} is missing")
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+# The small training config every trainer test starts from (so the toy assets and compiled steps are shared): the
+# tiny default with a 2-block C 64 transformer, a 4-step toy tokenizer, 48 + 8 toy pairs, batch 8, no
+# validation / samples unless a test asks.
+SMALL = {"model.embed_dim": 64, "model.depth": 2, "model.num_heads": 2, "model.block_chunks": 1,
+         "toy.image_tokenizer_steps": 4, "toy.num_pairs": 48, "toy.eval_pairs": 8, "batch_size": 8, "log_every": 1,
+         "eval_batches": 1, "sample_every": -1, "eval_every": -1, "compilation_cache": False}
+
+
+def small_config(**extra):
+    """`configs/varedit_tiny.py` with `SMALL` and `extra` (dotted field -> value) applied."""
+    from varedit_jax import configlib
+    return configlib.override(configlib.load(REPO_ROOT / "configs/varedit_tiny.py"), {**SMALL, **extra})
+
+
+def small_flags(**extra) -> list[str]:
+    """`small_config(**extra)` as `--config.FIELD=VALUE` flags of the CLIs."""
+    return [f"--config.{k}={v}" for k, v in {**SMALL, **extra}.items()]

@@ -7,13 +7,10 @@ import sys
 
 import pytest
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, small_flags
 from varedit_jax import ablate, conditioning, configlib
 
-SMALL = ["--config.model.embed_dim=64", "--config.model.depth=2", "--config.model.num_heads=2",
-         "--config.model.block_chunks=1", "--config.toy.image_tokenizer_steps=4", "--config.toy.num_pairs=32",
-         "--config.toy.eval_pairs=4", "--config.total_steps=2", "--config.checkpoint_every=2",
-         "--config.sample_every=-1", "--config.eval_every=-1", "--config.compilation_cache=False"]
+SMALL = small_flags(total_steps=2, checkpoint_every=2)
 
 
 @pytest.mark.parametrize("name", ["varedit_2b_256", "varedit_tiny"])
@@ -43,8 +40,7 @@ def test_bad_flags_exit_2(flags, message, tmp_path):
 
 @pytest.mark.slow
 def test_reduced_sweep_writes_the_table_and_resumes(tmp_path, monkeypatch):
-    monkeypatch.setenv("VAREDIT_CACHE", str(tmp_path / "cache"))
-    args = ["--workdir", str(tmp_path / "sweep"), "--conditioning", "full,finest,sar", *SMALL]
+    args = ["--workdir", str(tmp_path / "sweep"), "--conditioning", "full,finest,sar", "--eval-pairs", "4", *SMALL]
     assert ablate.main(args) == 0
     table = json.loads((tmp_path / "sweep" / "results.json").read_text())
     rows = {r["conditioning"]: r for r in table["rows"]}

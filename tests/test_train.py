@@ -15,30 +15,13 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import REPO_ROOT
+from helpers import REPO_ROOT, small_config, small_flags
 from varedit_jax import assets, checkpoint, configlib, data, loading, train, train_config, transformer
 
-SMALL = {"model.embed_dim": 64, "model.depth": 2, "model.num_heads": 2, "model.block_chunks": 1,
-         "toy.image_tokenizer_steps": 4, "toy.num_pairs": 48, "toy.eval_pairs": 8, "batch_size": 8, "log_every": 1,
-         "eval_batches": 1, "sample_every": -1, "eval_every": -1, "compilation_cache": False}
-
-
-def small_config(**extra):
-    config = configlib.load(REPO_ROOT / "configs/varedit_tiny.py")
-    return configlib.override(config, {**SMALL, **extra})
-
-
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A private asset cache shared by this module's tests (and their subprocesses)."""
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("VAREDIT_CACHE")
-    os.environ["VAREDIT_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("VAREDIT_CACHE")
-    else:
-        os.environ["VAREDIT_CACHE"] = old
+def cache():
+    """The session's asset cache (tests/conftest.py)."""
+    return pathlib.Path(os.environ["VAREDIT_CACHE"])
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +110,7 @@ def _subprocess(args, env_extra=None, **kw):
 
 
 def _flags(**extra):
-    return [f"--config.{k}={v}" for k, v in {**SMALL, **extra}.items()]
+    return small_flags(**extra)
 
 
 def _params(workdir, step=None):

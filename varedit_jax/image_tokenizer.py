@@ -29,7 +29,8 @@ import ml_collections
 from flax import nnx
 
 from varedit_jax import quantizer
-from varedit_jax.params import load_param_dict, param_dict  # noqa: F401  (re-exported: image_tokenizer.param_dict)
+from varedit_jax.params import load_param_dict, logical_init
+from varedit_jax.params import param_dict  # noqa: F401  (re-exported: image_tokenizer.param_dict)
 
 KIND = "image_tokenizer"  # the `kind` of its stored configs
 NORM_EPS = 1e-6
@@ -107,14 +108,14 @@ class Layers:
         """Conv with the PyTorch default kernel init scale (U(+-1/sqrt(fan_in))), zero bias, logical axis names."""
         init = jax.nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
         return nnx.Conv(c_in, c_out, (kernel, kernel), strides=strides, padding=padding, precision=self.precision,
-                        kernel_init=nnx.with_partitioning(init, ("conv_h", "conv_w", "conv_in", "conv_out")),
-                        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)), rngs=rngs)
+                        kernel_init=logical_init(init, ("conv_h", "conv_w", "conv_in", "conv_out")),
+                        bias_init=logical_init(nnx.initializers.zeros_init(), ("conv_out",)), rngs=rngs)
 
     def norm(self, channels: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
         return nnx.GroupNorm(channels, num_groups=norm_groups(channels, self.groups), epsilon=NORM_EPS,
                              use_fast_variance=False,
-                             scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
-                             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)), rngs=rngs)
+                             scale_init=logical_init(nnx.initializers.ones_init(), ("norm",)),
+                             bias_init=logical_init(nnx.initializers.zeros_init(), ("norm",)), rngs=rngs)
 
 
 class ResnetBlock(nnx.Module):

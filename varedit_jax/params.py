@@ -3,11 +3,26 @@
 `param_dict(model)` is `nnx.to_pure_dict` of the model's Param state (list indices become int keys);
 `load_param_dict(model, params)` writes such a tree back, refusing missing/unexpected keys and shape changes.
 `get_path` / `set_path` read and write one leaf of such a tree by its key path (converters build trees with them).
+
+Every parameter carries logical axis names (`sharding.py` maps them to the mesh): create it with `logical_param(value,
+names)` or an initializer `logical_init(init, names)`. They never shard eagerly (models are built without a mesh;
+placement is explicit: a sharded jitted init, `sharding.place` or an orbax restore), so no global NNX setting is
+needed.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+
+def logical_param(value, names: tuple) -> nnx.Param:
+    """A Param holding `value` with logical axis `names` (one per dimension)."""
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+def logical_init(init, names: tuple):
+    """An initializer whose Params carry logical axis `names` (for `kernel_init=` and the like)."""
+    return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
 
 
 def param_dict(model: nnx.Module) -> dict:

@@ -38,7 +38,7 @@ import numpy as np
 import sentencepiece as spm
 from flax import nnx
 
-from varedit_jax.params import load_param_dict
+from varedit_jax.params import load_param_dict, logical_init, logical_param
 
 PAD_ID, EOS_ID = 0, 1
 SPIECE_FILE = "spiece.model"
@@ -124,7 +124,7 @@ def _dense(din: int, dout: int, names: tuple[str, str], std: float, cfg, rngs: n
     """Bias-free Linear, kernel (din, dout) = HF weight transposed, float32 parameters, compute in cfg.dtype."""
     return nnx.Linear(din, dout, use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
                       precision=_PRECISIONS[cfg.precision], rngs=rngs,
-                      kernel_init=nnx.with_partitioning(nnx.initializers.normal(std), names))
+                      kernel_init=logical_init(nnx.initializers.normal(std), names))
 
 
 class RMSNorm(nnx.Module):
@@ -132,7 +132,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("norm",))
+        self.weight = logical_param(jnp.ones((dim,), jnp.float32), ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
@@ -201,12 +201,11 @@ class T5Encoder(nnx.Module):
         validate_config(cfg)
         self.cfg = cfg = ml_collections.FrozenConfigDict(cfg)
         self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32, rngs=rngs,
-                               embedding_init=nnx.with_partitioning(nnx.initializers.normal(1.0),
+                               embedding_init=logical_init(nnx.initializers.normal(1.0),
                                                                     ("vocab", "text_embed")))
-        self.relative_attention_bias = nnx.Param(
+        self.relative_attention_bias = logical_param(
             nnx.initializers.normal(cfg.d_model ** -0.5)(rngs.params(), (cfg.relative_attention_num_buckets,
-                                                                         cfg.num_heads), jnp.float32),
-            out_sharding=("unmodeled", "unmodeled"))
+                                                                         cfg.num_heads), jnp.float32), ("unmodeled", "unmodeled"))
         make = nnx.split_rngs(splits=cfg.num_layers)(
             nnx.vmap(lambda r: T5Block(cfg, r), in_axes=(0,), out_axes=0,
                      transform_metadata={nnx.PARTITION_NAME: "layers"}))

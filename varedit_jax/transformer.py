@@ -50,7 +50,8 @@ from flax import nnx, struct
 from varedit_jax import conditioning, rope
 from varedit_jax.attention import attend
 from varedit_jax.conditioning import SequenceLayout
-from varedit_jax.params import load_param_dict, param_dict  # noqa: F401  (re-exported: transformer.param_dict)
+from varedit_jax.params import load_param_dict, logical_init, logical_param
+from varedit_jax.params import param_dict  # noqa: F401  (re-exported: transformer.param_dict)
 
 MAX_SCALE_MUL = math.log(100.0)
 NUM_ADA = 6  # gamma1, gamma2, scale1, scale2, shift1, shift2
@@ -136,15 +137,15 @@ def _normal(std: float):
 
 
 def _param(init, shape, names, rngs: nnx.Rngs) -> nnx.Param:
-    return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names)
+    return logical_param(init(rngs.params(), shape, jnp.float32), names)
 
 
 def _linear(din: int, dout: int, names: tuple[str, str], rngs: nnx.Rngs, *, std: float, dtype=jnp.float32,
             use_bias: bool = True) -> nnx.Linear:
     """nnx.Linear (kernel (din, dout) = official weight transposed), zero bias, logical names on both."""
     return nnx.Linear(din, dout, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, rngs=rngs,
-                      kernel_init=nnx.with_partitioning(_normal(std), names),
-                      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:]))
+                      kernel_init=logical_init(_normal(std), names),
+                      bias_init=logical_init(nnx.initializers.zeros_init(), names[1:]))
 
 
 def drop_path(x: jax.Array, rate: jax.Array, key: jax.Array | None) -> jax.Array:
@@ -182,7 +183,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float, names: tuple[str]):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=names)
+        self.weight = logical_param(jnp.ones((dim,), jnp.float32), names)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(jnp.float32)
@@ -194,8 +195,8 @@ class AffineLayerNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float):
         self.eps = eps
-        self.weight = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=("norm",))
-        self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32), out_sharding=("norm",))
+        self.weight = logical_param(jnp.ones((dim,), jnp.float32), ("norm",))
+        self.bias = logical_param(jnp.zeros((dim,), jnp.float32), ("norm",))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return layer_norm(x, self.eps) * self.weight[...] + self.bias[...]
@@ -234,7 +235,7 @@ class SelfAttention(nnx.Module):
         self.mat_qkv = _param(_normal(std), (c, 3, c), ("embed", "unmodeled", "heads"), rngs)
         self.q_bias = _param(nnx.initializers.zeros_init(), (c,), ("heads",), rngs)
         self.v_bias = _param(nnx.initializers.zeros_init(), (c,), ("heads",), rngs)
-        self.scale_mul = nnx.Param(jnp.full((self.heads,), math.log(4.0), jnp.float32), out_sharding=("norm",))
+        self.scale_mul = logical_param(jnp.full((self.heads,), math.log(4.0), jnp.float32), ("norm",))
         self.proj = _linear(c, c, ("heads", "embed"), rngs, std=std, dtype=dtype)
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -343,9 +344,9 @@ class Infinity(nnx.Module):
         self.dtype = dtype
         self.head_dim = c // cfg.num_heads
         # text path
-        self.cfg_uncond = nnx.Param(
+        self.cfg_uncond = logical_param(
             jax.random.truncated_normal(rngs.params(), -2.0 / 1.2, 2.0 / 1.2, (cfg.text_max_len, ct)) * 1.2
-            / math.sqrt(ct), out_sharding=("unmodeled", "text_embed"))
+            / math.sqrt(ct), ("unmodeled", "text_embed"))
         self.text_norm = RMSNorm(ct, cfg.norm_eps, ("text_embed",))
         self.text_proj_for_sos = TextAttentivePool(ct, c, cfg.text_pool_heads, rngs, std=std)
         self.text_proj_for_ca = nnx.List([_linear(ct, c, ("text_embed", "mlp"), rngs, std=std),
@@ -355,7 +356,7 @@ class Infinity(nnx.Module):
         # tokens
         self.pos_start = _param(_normal(std), (c,), ("embed",), rngs)
         self.lvl_embed = nnx.Embed(cfg.num_levels, c, rngs=rngs,
-                                   embedding_init=nnx.with_partitioning(_normal(std), ("unmodeled", "embed")))
+                                   embedding_init=logical_init(_normal(std), ("unmodeled", "embed")))
         self.word_embed = _linear(cfg.bits, c, ("bits", "embed"), rngs, std=std)
         # blocks
         proj_scale = 1.0 / math.sqrt(2 * cfg.depth)

@@ -38,7 +38,7 @@ from flax import nnx
 from PIL import Image
 
 from varedit_jax import state_dicts
-from varedit_jax.params import load_param_dict, set_path
+from varedit_jax.params import load_param_dict, logical_init, logical_param, set_path
 from varedit_jax import images as imgs
 from varedit_jax.eval import vit
 from varedit_jax.eval.clip_tokenizer import ClipTokenizer
@@ -88,11 +88,10 @@ class TextTransformer(nnx.Module):
 
     def __init__(self, cfg: ml_collections.ConfigDict, rngs: nnx.Rngs):
         self.token_embedding = nnx.Embed(cfg.vocab_size, cfg.width, param_dtype=jnp.float32, rngs=rngs,
-                                         embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02),
+                                         embedding_init=logical_init(nnx.initializers.normal(0.02),
                                                                               ("vocab", "embed")))
-        self.position_embedding = nnx.Param(
-            nnx.initializers.normal(0.01)(rngs.params(), (cfg.context_length, cfg.width), jnp.float32),
-            out_sharding=("unmodeled", "embed"))
+        self.position_embedding = logical_param(
+            nnx.initializers.normal(0.01)(rngs.params(), (cfg.context_length, cfg.width), jnp.float32), ("unmodeled", "embed"))
         self.encoder = vit.Encoder(cfg, rngs)
         self.final_norm = vit.layer_norm(cfg.width, cfg.eps, rngs)
 
@@ -112,7 +111,7 @@ class ClipModel(nnx.Module):
         self.text = TextTransformer(cfg.text, rngs)
         proj = lambda din: nnx.Linear(  # noqa: E731
             din, cfg.projection_dim, use_bias=False, param_dtype=jnp.float32, precision=jax.lax.Precision.HIGHEST,
-            rngs=rngs, kernel_init=nnx.with_partitioning(nnx.initializers.normal(din ** -0.5), ("embed", "unmodeled")))
+            rngs=rngs, kernel_init=logical_init(nnx.initializers.normal(din ** -0.5), ("embed", "unmodeled")))
         self.visual_projection = proj(cfg.vision.width)
         self.text_projection = proj(cfg.text.width)
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from varedit_jax.params import load_param_dict
+from varedit_jax.params import load_param_dict, logical_init, logical_param
 from varedit_jax import state_dicts
 
 SHIFT = (-0.030, -0.088, -0.188)
@@ -41,9 +41,9 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def _conv(cin: int, cout: int, k: int, rngs: nnx.Rngs, *, stride: int = 1, padding="VALID") -> nnx.Conv:
     return nnx.Conv(cin, cout, (k, k), strides=(stride, stride), padding=padding, param_dtype=jnp.float32,
                     precision=_HIGHEST, rngs=rngs,
-                    kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                    kernel_init=logical_init(nnx.initializers.lecun_normal(),
                                                       ("conv_h", "conv_w", "conv_in", "conv_out")),
-                    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("conv_out",)))
+                    bias_init=logical_init(nnx.initializers.zeros_init(), ("conv_out",)))
 
 
 def max_pool_ceil(x: jax.Array) -> jax.Array:
@@ -74,7 +74,7 @@ class Lpips(nnx.Module):
     def __init__(self, *, rngs: nnx.Rngs):
         self.conv1 = _conv(3, 64, 3, rngs, stride=2)
         self.fires = nnx.List([Fire(cin, sq, ex, rngs) for _, cin, sq, ex in FIRES])
-        self.heads = nnx.List([nnx.Param(jnp.full((c,), 1.0 / c, jnp.float32), out_sharding=("unmodeled",))
+        self.heads = nnx.List([logical_param(jnp.full((c,), 1.0 / c, jnp.float32), ("unmodeled",))
                                for c in CHANNELS])
 
     def features(self, x: jax.Array) -> list[jax.Array]:

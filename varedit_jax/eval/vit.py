@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from varedit_jax.params import logical_init, logical_param
+
 ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
                "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -57,14 +59,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
 def _linear(din: int, dout: int, names: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
     """Linear with bias; kernel (din, dout) = PyTorch weight transposed."""
     return nnx.Linear(din, dout, param_dtype=jnp.float32, precision=_HIGHEST, rngs=rngs,
-                      kernel_init=nnx.with_partitioning(nnx.initializers.normal(din ** -0.5), names),
-                      bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:]))
+                      kernel_init=logical_init(nnx.initializers.normal(din ** -0.5), names),
+                      bias_init=logical_init(nnx.initializers.zeros_init(), names[1:]))
 
 
 def layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(dim, epsilon=eps, param_dtype=jnp.float32, rngs=rngs,
-                         scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("norm",)),
-                         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)))
+                         scale_init=logical_init(nnx.initializers.ones_init(), ("norm",)),
+                         bias_init=logical_init(nnx.initializers.zeros_init(), ("norm",)))
 
 
 class Attention(nnx.Module):
@@ -160,13 +162,12 @@ class VisionTransformer(nnx.Module):
         self.grid = cfg.image_size // p
         self.patch = nnx.Conv(cfg.channels, c, (p, p), strides=(p, p), padding="VALID", use_bias=cfg.patch_bias,
                               param_dtype=jnp.float32, precision=_HIGHEST, rngs=rngs,
-                              kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                              kernel_init=logical_init(nnx.initializers.lecun_normal(),
                                                                 ("conv_h", "conv_w", "conv_in", "embed")),
-                              bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)))
+                              bias_init=logical_init(nnx.initializers.zeros_init(), ("embed",)))
         init = nnx.initializers.normal(0.02)
-        self.cls_token = nnx.Param(init(rngs.params(), (c,), jnp.float32), out_sharding=("embed",))
-        self.position_embedding = nnx.Param(init(rngs.params(), (self.grid ** 2 + 1, c), jnp.float32),
-                                            out_sharding=("unmodeled", "embed"))
+        self.cls_token = logical_param(init(rngs.params(), (c,), jnp.float32), ("embed",))
+        self.position_embedding = logical_param(init(rngs.params(), (self.grid ** 2 + 1, c), jnp.float32), ("unmodeled", "embed"))
         self.pre_norm = layer_norm(c, cfg.eps, rngs) if cfg.pre_norm else None
         self.encoder = Encoder(cfg, rngs)
         self.post_norm = layer_norm(c, cfg.eps, rngs)
