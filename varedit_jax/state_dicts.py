@@ -11,10 +11,13 @@ import pathlib
 import tempfile
 from typing import Callable, Iterable, Mapping, Sequence
 
+import jax
 import ml_dtypes
 import numpy as np
 import safetensors
 import safetensors.numpy
+
+from varedit_jax.params import get_path
 
 StateDict = dict[str, np.ndarray]
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -130,6 +133,28 @@ def check_state_dict(got: Mapping[str, np.ndarray], expected: Mapping[str, Itera
             k, g, e = shape_bad[0]
             lines.append(f"  first shape mismatch: {k}: got {g}, expected {e} ({len(shape_bad)} in all)")
         raise StateDictMismatch("\n".join(lines))
+
+
+def require_keys(sd: Mapping[str, np.ndarray], keys: Sequence[str], what: str, kind: str) -> None:
+    """Raises StateDictMismatch unless every key of `keys` is in `sd` (`kind` names what `sd` should be)."""
+    absent = [k for k in keys if k not in sd]
+    if absent:
+        raise StateDictMismatch(f"{what}: not {kind} state dict; missing keys {absent} "
+                                f"(top-level names found: {sorted({k.split('.')[0] for k in sd})[:10]})")
+
+
+def require_match(bad: Sequence[str], what: str) -> None:
+    """Raises StateDictMismatch listing `bad` ("field: config X vs weights Y" lines) when there are any."""
+    if bad:
+        raise StateDictMismatch(f"{what}: the config does not match the weights: " + "; ".join(bad))
+
+
+def fetch_param(params, path: Sequence) -> np.ndarray:
+    """The float32 host copy of the parameter at `path` of a nested param dict; StateDictMismatch if absent."""
+    try:
+        return np.asarray(jax.device_get(get_path(params, path)), np.float32)
+    except (KeyError, TypeError, IndexError) as e:
+        raise StateDictMismatch(f"parameter {'/'.join(map(str, path))} is missing from the checkpoint") from e
 
 
 def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> pathlib.Path:

@@ -18,12 +18,10 @@ import json
 import pathlib
 import re
 
-import jax
 import ml_collections
 import numpy as np
 
 from varedit_jax import configlib, image_tokenizer, state_dicts
-from varedit_jax.params import get_path
 
 KIND = image_tokenizer.KIND
 NESTED = (("vae",), ("ema",))
@@ -144,11 +142,7 @@ def infer_model_config(sd: dict[str, np.ndarray], what: str) -> ml_collections.C
     """
     required = ("encoder.conv_in.conv.weight", "encoder.conv_out.conv.weight",
                 "encoder.down.0.block.0.conv1.conv.weight")
-    absent = [k for k in required if k not in sd]
-    if absent:
-        top = sorted({k.split(".")[0] for k in sd})
-        raise state_dicts.StateDictMismatch(f"{what}: not a BSQ tokenizer state dict; missing keys {absent} "
-                                   f"(top-level names found: {top[:10]})")
+    state_dicts.require_keys(sd, required, what, "a BSQ tokenizer")
     base_ch = int(sd["encoder.conv_in.conv.weight"].shape[0])
     levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
     ch_mult = []
@@ -171,9 +165,8 @@ def _arch(cfg: ml_collections.ConfigDict) -> dict:
 
 def _check_against(given: ml_collections.ConfigDict, inferred: ml_collections.ConfigDict, what: str) -> None:
     want, got = _arch(given), _arch(inferred)
-    bad = [f"{f}: config {want[f]} vs weights {got[f]}" for f in ARCH_FIELDS if want[f] != got[f]]
-    if bad:
-        raise state_dicts.StateDictMismatch(f"{what}: the config does not match the weights: " + "; ".join(bad))
+    state_dicts.require_match([f"{f}: config {want[f]} vs weights {got[f]}" for f in ARCH_FIELDS if want[f] != got[f]],
+                              what)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,11 +217,7 @@ def export_weights(config: ml_collections.ConfigDict, params) -> dict[str, np.nd
     model_cfg = _model_config(config)
     out = {}
     for path, name, kind_, _ in key_table(model_cfg):
-        try:
-            value = get_path(params, path)
-        except (KeyError, TypeError) as e:
-            raise state_dicts.StateDictMismatch(f"parameter {'/'.join(map(str, path))} is missing from the checkpoint") from e
-        out[name] = _to_official(np.asarray(jax.device_get(value), np.float32), kind_)
+        out[name] = _to_official(state_dicts.fetch_param(params, path), kind_)
     for key in MASK_KEYS:
         out[key] = lfq_mask(model_cfg.codebook_dim)
     state_dicts.check_state_dict(out, expected_shapes(model_cfg), "exported tokenizer")

@@ -185,11 +185,7 @@ def infer_model_config(sd: dict[str, np.ndarray], what: str) -> ml_collections.C
     """Shape-determined fields from an official state dict; the rest are the official defaults."""
     required = ("pos_start", "word_embed.weight", "text_norm.weight", "cfg_uncond", "lvl_embed.weight",
                 "text_proj_for_sos.ca.mat_q")
-    absent = [k for k in required if k not in sd]
-    if absent:
-        top = sorted({k.split(".")[0] for k in sd})
-        raise state_dicts.StateDictMismatch(f"{what}: not an Infinity/VAREdit transformer state dict; missing keys {absent} "
-                                   f"(top-level names found: {top[:10]})")
+    state_dicts.require_keys(sd, required, what, "an Infinity/VAREdit transformer")
     chunked = {(int(m.group(1)), int(m.group(2))) for k in sd
                if (m := re.match(r"block_chunks\.(\d+)\.module\.(\d+)\.", k))}
     flat = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
@@ -219,8 +215,7 @@ def _check_against(given: ml_collections.ConfigDict, inferred: ml_collections.Co
     bad = [f"{f}: config {given[f]} vs weights {inferred[f]}" for f in ARCH_FIELDS if given[f] != inferred[f]]
     if given.text_max_len > inferred.text_max_len:
         bad.append(f"text_max_len: config {given.text_max_len} > the {inferred.text_max_len} rows of cfg_uncond")
-    if bad:
-        raise state_dicts.StateDictMismatch(f"{what}: the config does not match the weights: " + "; ".join(bad))
+    state_dicts.require_match(bad, what)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,10 +288,7 @@ def export_weights(config: ml_collections.ConfigDict, params) -> dict[str, np.nd
     expected = _official_shapes(m)
 
     def fetch(path):
-        try:
-            return np.asarray(jax.device_get(get_path(params, path)), np.float32)
-        except (KeyError, TypeError) as e:
-            raise state_dicts.StateDictMismatch(f"parameter {'/'.join(map(str, path))} is missing from the checkpoint") from e
+        return state_dicts.fetch_param(params, path)
 
     out = {}
     uncond = fetch(("cfg_uncond",))

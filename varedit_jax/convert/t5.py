@@ -176,10 +176,7 @@ def infer_model_config(sd: dict[str, np.ndarray], base: ml_collections.ConfigDic
     """`base` (a model config) with its shape fields replaced by those of an encoder state dict."""
     required = (SHARED, REL_BIAS, "encoder.block.0.layer.0.SelfAttention.q.weight",
                 "encoder.block.0.layer.1.DenseReluDense.wi_0.weight")
-    absent = [k for k in required if k not in sd]
-    if absent:
-        raise state_dicts.StateDictMismatch(f"{what}: not a T5 v1.1 encoder state dict; missing keys {absent} "
-                                   f"(first keys found: {sorted(sd)[:8]})")
+    state_dicts.require_keys(sd, required, what, "a T5 v1.1 encoder")
     buckets, heads = sd[REL_BIAS].shape
     inner = sd["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0]
     if inner % heads:
