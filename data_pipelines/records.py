@@ -1,7 +1,7 @@
 """Edit-pair records: the one on-disk format of every dataset built by `data_pipelines`.
 
 Plain ArrayRecord shards (`group_size:1`, uncompressed: images are already compressed) holding one msgpack map per
-edit pair. Readable without TensorFlow or TFDS: `grain.sources.ArrayRecordDataSource(shard_paths)` + `decode_record`.
+edit pair. Readable without TensorFlow or TFDS: `open_records(paths)` (a grain ArrayRecordDataSource) + `decode_record`.
 
 Layout of a dataset directory DIR:
   DIR/build.json                      the build options; a re-run into DIR must use the same ones
@@ -35,7 +35,7 @@ from typing import Iterable, Iterator, Sequence
 import grain
 import msgpack
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordWriter
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from PIL import Image
 
 SCHEMA_VERSION = 1
@@ -346,19 +346,42 @@ def read_summary(path: str) -> dict:
     return summary
 
 
-def shard_paths(paths: str | Sequence[str]) -> list[str]:
-    """Shard files of one or more finished dataset directories, in order."""
-    if isinstance(paths, str):
-        paths = [paths]
-    return [os.path.join(p, s["file"]) for p in paths for s in read_summary(p)["shards"]]
+class UnreadableShard(ValueError):
+    """A record shard that is missing, empty, truncated or otherwise not a readable ArrayRecord file."""
+
+
+def check_shard(path: str, num_records: int | None = None) -> None:
+    """Raises UnreadableShard naming `path` (and why) unless it opens and holds `num_records` records."""
+    why = None
+    if not os.path.exists(path):
+        why = "the file is missing"
+    else:
+        try:
+            reader = ArrayRecordReader(path)
+            count = reader.num_records()
+            reader.close()
+            if num_records is not None and count != num_records:
+                why = f"it holds {count} records, dataset.json says {num_records}"
+        except RuntimeError as e:
+            why = str(e).strip().split(";")[0] or "truncated or not an ArrayRecord file"
+    if why:
+        raise UnreadableShard(f"unreadable record shard {path}: {why} (rebuild the dataset, or leave its directory "
+                              f"out of the paths)")
 
 
 def open_records(paths: str | Sequence[str]) -> grain.sources.ArrayRecordDataSource:
-    """Random-access source of serialized records (bytes; `decode_record` them) over finished datasets."""
-    files = shard_paths(paths)
-    if not files:
+    """Random-access source of serialized records (bytes; `decode_record` them) over finished datasets; a shard
+    that cannot be opened raises UnreadableShard naming it."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    shards = [(os.path.join(p, s["file"]), s.get("num_records")) for p in paths for s in read_summary(p)["shards"]]
+    if not shards:
         raise ValueError(f"no records in {paths}")
-    return grain.sources.ArrayRecordDataSource(files)
+    try:
+        return grain.sources.ArrayRecordDataSource([f for f, _ in shards])
+    except RuntimeError:
+        for file, n in shards:  # name the shard (ArrayRecord's own error names none, or not which of many)
+            check_shard(file, n)
+        raise
 
 
 def iter_records(paths: str | Sequence[str]) -> Iterator[dict]:

@@ -20,5 +20,5 @@ CONFIG="${CONFIG:-configs/varedit_tiny.py}"
 WORKDIR="${WORKDIR:-runs/ablate_$(basename "${CONFIG%%:*}" .py | sed 's/^varedit_//')}"
 run_entry python -m varedit_jax.ablate --config "$CONFIG" --workdir "$WORKDIR" "${EXTRA[@]}"
 if [ "$RAN_LOCALLY" = 1 ]; then
-  echo "Outputs in $ROOT/$WORKDIR: results.{md,csv,json}, grids/, <strategy>/seed<k>/"
+  echo "Outputs in $(shown_path "$WORKDIR"): results.{md,csv,json}, grids/, <strategy>/seed<k>/"
 fi

@@ -11,6 +11,9 @@
 
 usage_error() { echo "error: $*" >&2; exit 2; }
 
+# The path a local run wrote to, as the user can open it: absolute or URL paths as given, relative ones under ROOT.
+shown_path() { case "$1" in /*|*://*) echo "$1" ;; *) echo "$ROOT/$1" ;; esac; }
+
 parse_launch_flags() {
   CONFIG="" WORKDIR="" TPU="" ZONE="" PROJECT="" XPK="" TPU_TYPE="" DRY_RUN=0 EXTRA=()
   while [ $# -gt 0 ]; do

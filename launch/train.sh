@@ -19,7 +19,7 @@ CONFIG="${CONFIG:-configs/varedit_tiny.py}"
 WORKDIR="${WORKDIR:-runs/$(basename "${CONFIG%%:*}" .py)}"
 run_entry python -m varedit_jax.train --config "$CONFIG" --workdir "$WORKDIR" "${EXTRA[@]}"
 if [ "$RAN_LOCALLY" = 1 ]; then
-  echo "Outputs in $ROOT/$WORKDIR:"
+  echo "Outputs in $(shown_path "$WORKDIR"):"
   echo "  checkpoints/   (edit: python -m varedit_jax.edit --checkpoint $WORKDIR --image IN.png --instruction ... --out OUT.png)"
   echo "  metrics.jsonl, tb/ (tensorboard --logdir $WORKDIR/tb), samples/*.png (held-out edits), summary.json"
 fi

@@ -8,17 +8,38 @@ Layout (an orbax CheckpointManager directory):
 A training workdir keeps its manager under WORKDIR/checkpoints (`TrainCheckpoints`). `resolve` accepts a manager
 root, a workdir (newest step) or a step dir, so `convert export`, `edit` and `ablate` take any of the three.
 Configs stored by older versions are migrated on load (`migrate`: renamed fields and kinds).
+
+Damaged steps (missing or corrupt files, unreadable metadata): readers of a workdir or manager root fall back to the
+next older intact step and say which step is broken (`DamagedCheckpoint` when none is left, or when a step dir was
+named); training also moves the broken step to WORKDIR/checkpoints_corrupt/<step> (outside the manager's root:
+orbax skips saving a step <= its latest, so a broken step left in place would swallow later saves). A step saved
+with another model or optimizer (its stored shapes differ) is a `ValueError`, never "damaged".
 """
+import functools
 import json
+import logging
 import pathlib
-from typing import Any
+import re
+import shutil
+import sys
+from typing import Any, Callable
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 PARAMS, CONFIG, TRAIN_STATE, DATA = "params", "config", "train_state", "data"
+CORRUPT = "checkpoints_corrupt"
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint step that cannot be read, and no older intact one to use."""
+
+
+class StoredShapeMismatch(ValueError):
+    """A step saved with another model / optimizer config: its arrays differ in names or shapes."""
 
 # Renames since the first checkpoints: (old dotted path, new dotted path); kinds and the stored configs/*.py paths.
 RENAMED_FIELDS = (("vae", "image_tokenizer"), ("toy.tokenizer_steps", "toy.image_tokenizer_steps"))
@@ -46,20 +67,95 @@ def migrate(data: dict) -> dict:
     return data
 
 
-def resolve(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
-    """(manager root, step) for a manager root / workdir (newest step) / step dir; raises if none is found."""
+def candidates(path: str | pathlib.Path) -> tuple[pathlib.Path, list[int], bool]:
+    """(manager root, steps newest first, explicit) for a manager root / workdir / step dir (explicit: a step dir
+    was named, so there is nothing to fall back to); raises FileNotFoundError if there is no step."""
     path = pathlib.Path(path).expanduser().resolve()
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if (path / CONFIG).is_dir() and path.name.isdigit():
-        return path.parent, int(path.name)
+        return path.parent, [int(path.name)], True
     for root in (path, path / "checkpoints"):
-        steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / CONFIG).is_dir()) \
-            if root.is_dir() else []
+        steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / CONFIG).is_dir()),
+                       reverse=True) if root.is_dir() else []
         if steps:
-            return root, steps[-1]
+            return root, steps, False
     raise FileNotFoundError(f"{path} is not a checkpoint: no step directory with a {CONFIG!r} item "
                             f"(looked in {path} and {path / 'checkpoints'})")
+
+
+def resolve(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
+    """(manager root, newest step) for a manager root / workdir / step dir; raises if none is found."""
+    root, steps, _ = candidates(path)
+    return root, steps[0]
+
+
+def read_error(e: BaseException) -> str:
+    """A read error in one line: for TensorStore's (a page-long spec) the array and the directory it failed in."""
+    text = str(e).strip()
+    paths = re.findall(r"'path': '([^']*)'", text)
+    if "TensorStore" in text and paths:
+        return f"cannot read array {paths[-1].rstrip('/')!r} in {paths[0]}"
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def _leaf_shapes(tree) -> dict[str, tuple]:
+    """'a/b/0' -> shape for every leaf of a pytree (dicts, sequences, named tuples: the names orbax stores)."""
+    name = lambda k: str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))  # noqa: E731
+    return {"/".join(name(k) for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_stored_shapes(item_dir: pathlib.Path, abstract) -> None:
+    """Raises StoredShapeMismatch when the arrays stored at `item_dir` differ in names or shapes from `abstract` (the
+    step was saved with another model / optimizer config); a metadata read error propagates (the step is damaged)."""
+    stored = _leaf_shapes(ocp.StandardCheckpointHandler().metadata(item_dir))
+    want = _leaf_shapes(abstract)
+    if stored != want:
+        diff = sorted(set(stored) ^ set(want)) or [k for k in want if stored[k] != want[k]]
+        raise StoredShapeMismatch(f"{item_dir} was saved with another config (first differing arrays: {diff[:5]}); resume "
+                         f"with the config that wrote it, or use a new workdir")
+
+
+def _abandoned(exc) -> bool:
+    text = str(exc)
+    return "Event loop is closed" in text or "while reading array" in text
+
+
+class _QuietAbandoned(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_abandoned(record.getMessage()) or (record.exc_info and _abandoned(record.exc_info[1])))
+
+
+def _silence_abandoned_reads() -> None:
+    """After a failed restore, orbax's other pending reads of the step fail later, on a closed event loop, and each
+    would print its traceback (pages of TensorStore spec); the failure itself is reported once, by the caller."""
+    if isinstance(sys.unraisablehook, functools.partial):  # installed already
+        return
+    sys.unraisablehook = functools.partial(lambda prev, u: None if _abandoned(u.exc_value) else prev(u),
+                                           sys.unraisablehook)
+    excepthook = sys.excepthook
+    sys.excepthook = lambda t, v, tb: None if _abandoned(v) else excepthook(t, v, tb)
+    logging.getLogger("asyncio").addFilter(_QuietAbandoned())
+
+
+def first_intact(path, read: Callable[[pathlib.Path, int], Any], what: str = "checkpoint") -> tuple[int, Any]:
+    """(step, read(root, step)) for the newest step of `path` that reads; each damaged one is reported on stderr
+    and skipped (for a named step dir, or when none is left: DamagedCheckpoint). A StoredShapeMismatch propagates:
+    only read failures count as damage."""
+    root, steps, explicit = candidates(path)
+    for i, step in enumerate(steps):
+        try:
+            return step, read(root, step)
+        except StoredShapeMismatch:
+            raise
+        except Exception as e:  # noqa: BLE001 - TensorStore / orbax raise bare Exceptions for damaged files
+            _silence_abandoned_reads()
+            where = f"{what} step {step} ({root / str(step)}) is damaged: {read_error(e)}"
+            if explicit or i == len(steps) - 1:
+                raise DamagedCheckpoint(where + ("" if explicit else "; no older intact step")) from e
+            print(f"warning: {where}; using step {steps[i + 1]}", file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
 
 
 def config_to_json(config: ml_collections.ConfigDict) -> dict:
@@ -78,25 +174,30 @@ def save_params(directory: str | pathlib.Path, params: Any, config: ml_collectio
 
 
 def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-    """The config stored with a checkpoint (any form `resolve` accepts), migrated to today's names."""
-    root, step = resolve(path)
-    with ocp.CheckpointManager(root, item_names=(PARAMS, CONFIG)) as mngr:
-        data = mngr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
-    return ml_collections.ConfigDict(migrate(data))
+    """The config stored with a checkpoint (any form `resolve` accepts; newest intact step), migrated."""
+    def read(root, step):
+        with ocp.CheckpointManager(root, item_names=(PARAMS, CONFIG)) as mngr:
+            return mngr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+    return ml_collections.ConfigDict(migrate(first_intact(path, read)[1]))
 
 
 def load_params(path: str | pathlib.Path, abstract_params: Any = None) -> tuple[ml_collections.ConfigDict, Any]:
-    """(config, params) of a checkpoint. `abstract_params` (a tree of jax.ShapeDtypeStruct, optionally with
-    shardings) restores directly into that structure/placement; without it the stored arrays come back on this
-    process's first device (whatever topology saved them, so any process of a multi-process run can load them)."""
-    root, step = resolve(path)
-    if abstract_params is None:
-        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        stored = ocp.StandardCheckpointHandler().metadata(root / str(step) / PARAMS)
-        abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), stored)
-    restore = ocp.args.StandardRestore(abstract_params)
-    with ocp.CheckpointManager(root, item_names=(PARAMS, CONFIG)) as mngr:
-        out = mngr.restore(step, args=ocp.args.Composite(**{PARAMS: restore, CONFIG: ocp.args.JsonRestore()}))
+    """(config, params) of a checkpoint (newest intact step). `abstract_params` (a tree of jax.ShapeDtypeStruct,
+    optionally with shardings) restores directly into that structure/placement; without it the stored arrays come
+    back on this process's first device (whatever topology saved them, so any process can load them)."""
+    def read(root, step):
+        item = root / str(step) / PARAMS
+        if abstract_params is None:
+            local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            stored = ocp.StandardCheckpointHandler().metadata(item)
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), stored)
+        else:
+            check_stored_shapes(item, abstract_params)
+            abstract = abstract_params
+        with ocp.CheckpointManager(root, item_names=(PARAMS, CONFIG)) as mngr:
+            return mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract),
+                                                                 CONFIG: ocp.args.JsonRestore()}))
+    out = first_intact(path, read)[1]
     return ml_collections.ConfigDict(migrate(out[CONFIG])), out[PARAMS]
 
 
@@ -122,13 +223,40 @@ class TrainCheckpoints:
         if wait:
             self.manager.wait_until_finished()
 
-    def restore(self, step: int, abstract_params, abstract_train_state: dict, iterator) -> tuple[Any, dict]:
-        """(params, train_state) restored into the abstract trees' shardings; `iterator` is set in place."""
-        out = self.manager.restore(step, args=ocp.args.Composite(**{
-            PARAMS: ocp.args.StandardRestore(abstract_params),
-            TRAIN_STATE: ocp.args.StandardRestore(abstract_train_state),
-            DATA: grain.checkpoint.CheckpointRestore(iterator)}))
-        return out[PARAMS], out[TRAIN_STATE]
+    def restore_latest(self, abstract_params, abstract_train_state: dict, iterator) -> tuple[int, Any, dict] | None:
+        """(step, params, train_state) of the newest intact step (`iterator` set in place), or None when the
+        workdir has none. Each damaged step is reported and moved to WORKDIR/checkpoints_corrupt/<step>."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            item = self.manager.directory / str(step)
+            try:
+                check_stored_shapes(item / PARAMS, abstract_params)
+                check_stored_shapes(item / TRAIN_STATE, abstract_train_state)
+                out = self.manager.restore(step, args=ocp.args.Composite(**{
+                    PARAMS: ocp.args.StandardRestore(abstract_params),
+                    TRAIN_STATE: ocp.args.StandardRestore(abstract_train_state),
+                    DATA: grain.checkpoint.CheckpointRestore(iterator)}))
+                return step, out[PARAMS], out[TRAIN_STATE]
+            except StoredShapeMismatch:
+                raise
+            except Exception as e:  # noqa: BLE001 - TensorStore / orbax raise bare Exceptions for damaged files
+                _silence_abandoned_reads()
+                self._quarantine(step, read_error(e))
+        return None
+
+    def _quarantine(self, step: int, why: str) -> None:
+        """Moves a damaged step out of the manager's root (process 0) and reloads the manager everywhere."""
+        src = pathlib.Path(self.manager.directory) / str(step)
+        dst = src.parent.parent / CORRUPT / str(step)
+        if jax.process_index() == 0:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.move(str(src), str(dst))
+            print(f"warning: checkpoint step {step} ({src}) is damaged: {why}; moved to {dst}, trying the previous "
+                  f"step", file=sys.stderr, flush=True)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

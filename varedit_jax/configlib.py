@@ -1,15 +1,19 @@
 """Loading configs: `configs/*.py` files (big_vision style: `get_config(arg=None)` returns a ConfigDict).
 
 A config path may carry an argument after a colon, `configs/varedit_2b_256.py:sar`, passed to `get_config`.
-Command-line overrides use absl + ml_collections config flags (`--config.FIELD=VALUE`) in the CLIs; in code use
-`override(config, {"a.b": v})`.
+Command-line overrides use absl + ml_collections config flags (`--config.FIELD=VALUE`) in the CLIs (parsed by
+`parse_flags`, which turns a bad flag into a one-line error naming the closest valid fields) or `parse_overrides`;
+in code use `override(config, {"a.b": v})`. An unknown field is always refused, never ignored.
 """
 import ast
+import difflib
 import importlib.util
 import pathlib
+import sys
 from typing import Any, Mapping
 
 import ml_collections
+from absl import flags
 
 
 def load(path: str | pathlib.Path) -> ml_collections.ConfigDict:
@@ -33,11 +37,27 @@ def override(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> ml
         *parents, leaf = dotted.split(".")
         node = config
         for name in parents:
-            node = node[name]
-        if leaf not in node:
-            raise KeyError(f"config has no field {dotted!r}")
+            node = node.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+        if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+            raise KeyError(unknown_field(config, dotted))
         node[leaf] = value
     return config
+
+
+def fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted field name of `config` (groups included)."""
+    out = []
+    for k, v in config.items():
+        out.append(prefix + k)
+        if isinstance(v, ml_collections.ConfigDict):
+            out += fields(v, prefix + k + ".")
+    return out
+
+
+def unknown_field(config: ml_collections.ConfigDict, dotted: str) -> str:
+    """The message for a field `config` lacks, with the closest valid names."""
+    close = difflib.get_close_matches(dotted, fields(config), n=3, cutoff=0.5)
+    return f"config has no field {dotted!r}" + (f" (closest: {', '.join(close)})" if close else "")
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -53,3 +73,41 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             out[dotted] = value
     return out
+
+
+def _config_arg(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing for `app.run(..., flags_parser=parse_flags)`: a bad flag or an unknown / mistyped
+    `--config.FIELD` exits 2 with one line (the closest valid fields named) instead of a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, flags.Error) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        path = _config_arg(argv[1:])
+        config = None
+        try:
+            config = load(path) if path else None
+        except Exception:  # noqa: BLE001 - the config file's own error is reported by its flag
+            pass
+        overrides = [a[len("--config."):].split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        unknown = [d for d in overrides if config is not None and _missing(config, d)]
+        if unknown:
+            message = "; ".join(unknown_field(config, d) for d in unknown)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _missing(config: ml_collections.ConfigDict, dotted: str) -> bool:
+    try:
+        override(config, {dotted: None})
+    except KeyError:
+        return True
+    return False

@@ -27,7 +27,9 @@ A local batch (numpy, leading dim = batch_size // process_count):
   mask            uint8 (B, H, W), 1 = pixel changed by the edit (zeros where has_mask is False)
   has_mask        bool (B,)
   text_ids        int32 (B, T); text_mask bool (B, T)   (T = config.max_text_len)
-  num_replaced    int32 (B,): records that failed to load and were replaced for this element (log the sum)
+  num_replaced    int32 (B,): records that failed to load and were replaced for this element
+  replaced_by     int32 (B, len(CAUSES)): the same per cause (read, decode, text); the trainer sums it over
+                  processes into the `data/replaced*` metrics and stops above `max_bad_fraction`
   id, instruction numpy str (B,)                         host-only, kept as numpy by `global_batch`
 Iterator state: `iter(ds).get_state()` / `set_state()`, or `grain.checkpoint.CheckpointSave(iterator)` in an orbax
 CheckpointManager; restoring gives exactly the same next batches.
@@ -40,6 +42,7 @@ import grain
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from data_pipelines.records import decode_record, open_records
@@ -47,6 +50,8 @@ from varedit_jax import images, schedules
 
 log = logging.getLogger(__name__)
 MAX_REPLACEMENTS = 64  # consecutive undecodable records before the pipeline gives up (a broken dataset, not noise)
+CAUSES = ("read", "decode", "text")  # why a record was replaced: its bytes, its images / schema, its instruction
+LOGGED_REPLACEMENTS = 10  # per reader: the first ones are logged one by one, the rest only counted
 HOST_ONLY = ("id", "instruction")
 
 Tokenizer = Callable[[Sequence[str], int], tuple[np.ndarray, np.ndarray]]
@@ -67,6 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.prefetch_buffer_size = 32
     c.num_workers = 0           # mp_prefetch worker processes (0: none)
     c.worker_buffer_size = 2
+    c.max_bad_fraction = 0.01   # replaced / read records (all processes) above which training stops, once >= 50 read
     return c
 
 
@@ -103,11 +109,40 @@ def preprocess(record: dict, size: tuple[int, int]) -> dict:
             "id": record["id"], "instruction": record["instruction"]}
 
 
+class TooMuchBadData(RuntimeError):
+    """More than `max_bad_fraction` of the records read so far failed to load."""
+
+
+def replaced_counts(local_batch: dict) -> np.ndarray:
+    """(len(CAUSES),) int64: replaced records of this step summed over the local batch and every process."""
+    local = np.asarray(local_batch["replaced_by"], np.int64).reshape(-1, len(CAUSES)).sum(0)
+    if jax.process_count() == 1:
+        return local
+    return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(CAUSES)).sum(0)
+
+
+def check_bad_fraction(read: int, replaced: int, max_fraction: float) -> None:
+    """Raises TooMuchBadData when replaced / read > max_fraction once at least 50 records were read."""
+    if read >= 50 and replaced > max_fraction * read:
+        raise TooMuchBadData(f"{replaced} of the {read} records read so far failed to load ({replaced / read:.1%} > "
+                             f"data.max_bad_fraction {max_fraction:.1%}): check the dataset (python -m "
+                             f"data_pipelines.describe DIR), or raise data.max_bad_fraction")
+
+
+class _Failed(Exception):
+    """A record that failed to load: `cause` (one of CAUSES) and what went wrong."""
+
+    def __init__(self, cause: str, detail: str):
+        super().__init__(cause, detail)
+        self.cause, self.detail = cause, detail
+
+
 class LoadPair:
     """map_with_index transform: (element index i, record index) -> example at the template of step i // B.
 
     Reads, decodes, preprocesses the record and tokenizes its instruction. A record that fails any of these is
-    replaced by the next record of the dataset (deterministic), logged, and counted in the example's `num_replaced`.
+    replaced by the next record of the dataset (deterministic), counted in the example's `num_replaced` and
+    `replaced_by` (per cause), and logged (the first `LOGGED_REPLACEMENTS` of each reader).
     """
 
     def __init__(self, paths: Sequence[str], *, seed: int, local_batch: int, templates: Sequence[str], pn: str,
@@ -116,27 +151,47 @@ class LoadPair:
         self.seed, self.local_batch, self.templates = seed, local_batch, tuple(templates)
         self.sizes = {t: image_size(t, pn, stride) for t in self.templates}
         self.tokenizer, self.max_text_len = tokenizer, max_text_len
+        self.logged = 0
 
     def example(self, record_index: int, size: tuple[int, int]) -> dict:
-        example = preprocess(decode_record(self.records[record_index]), size)
-        ids, mask = self.tokenizer([example["instruction"]], self.max_text_len)
+        """The example of one record; a failure raises `_Failed` with its cause (one of CAUSES)."""
+        stage = "read"
+        try:
+            data = self.records[record_index]
+            stage = "decode"
+            example = preprocess(decode_record(data), size)
+            stage = "text"
+            ids, mask = self.tokenizer([example["instruction"]], self.max_text_len)
+        except Exception as e:  # corrupt data surfaces as many exception types (PIL, msgpack, tokenizer, ...)
+            raise _Failed(stage, f"{type(e).__name__}: {e}") from e
         example["text_ids"], example["text_mask"] = np.asarray(ids[0], np.int32), np.asarray(mask[0], bool)
         return example
 
     def __call__(self, index: int, record_index: int) -> dict:
         size = self.sizes[template_for_step(self.seed, index // self.local_batch, self.templates)]
         n = len(self.records)
+        replaced_by, last = np.zeros(len(CAUSES), np.int32), None
         for attempt in range(MAX_REPLACEMENTS + 1):
             i = (int(record_index) + attempt) % n
             try:
                 example = self.example(i, size)
-            except Exception as e:  # corrupt data surfaces as many exception types (PIL, msgpack, tokenizer, ...)
-                log.warning("record %d failed to load (%s: %s); replacing it with record %d", i,
-                            type(e).__name__, e, (i + 1) % n)
+            except _Failed as e:
+                replaced_by[CAUSES.index(e.cause)] += 1
+                self._log(i, e, (i + 1) % n)
+                last = e
                 continue
-            example["num_replaced"] = np.int32(attempt)
+            example["num_replaced"], example["replaced_by"] = np.int32(attempt), replaced_by
             return example
-        raise RuntimeError(f"{MAX_REPLACEMENTS + 1} consecutive records from index {record_index} failed to load")
+        raise ValueError(f"{MAX_REPLACEMENTS + 1} consecutive records from index {record_index} failed to load "
+                         f"(last: {last.cause}: {last.detail}): the dataset is broken, not noisy")
+
+    def _log(self, i: int, failure: _Failed, replacement: int) -> None:
+        self.logged += 1
+        if self.logged <= LOGGED_REPLACEMENTS:
+            log.warning("record %d failed to load (%s: %s); replacing it with record %d", i, failure.cause,
+                        failure.detail, replacement)
+        if self.logged == LOGGED_REPLACEMENTS:
+            log.warning("further replaced records are counted (data/replaced* metrics), not logged")
 
 
 def _ensure_absl_flags_parsed() -> None:

@@ -14,6 +14,7 @@ Sampling options (guidance, tau, top-k, top-p, seed): one `sampler.SamplingOptio
 `fold_in(key(seed), indices[i])`, so results do not depend on batching.
 """
 import functools
+import logging
 from typing import Sequence
 
 import jax
@@ -67,8 +68,29 @@ def choose_template(shape: tuple[int, int], preprocess: str) -> str:
     return "1.0" if preprocess == "official" else schedules.nearest_template(shape[0] / shape[1])
 
 
+log = logging.getLogger(__name__)
+MAX_UPSCALE, MAX_LOST = 2.0, 0.2  # beyond these an input is warned about: upscaled, or share cropped / padded
+
+
+def resize_warning(original: tuple[int, int], size: tuple[int, int], preprocess: str) -> str | None:
+    """What is odd about fitting an (h, w) image to the (H, W) template, or None: an upscale beyond MAX_UPSCALE, or
+    more than MAX_LOST of the model input cropped away (train) or padding (official)."""
+    (h, w), (th, tw) = original, size
+    if preprocess == "official":  # pad to the square of the longer side, then resize
+        scale, lost, how = max(th, tw) / max(h, w), 1 - h * w / max(h, w) ** 2, "padding"
+    else:  # cover, then centre-crop
+        scale = max(th / h, tw / w)
+        lost, how = 1 - th * tw / (h * scale * w * scale), "cropped away"
+    notes = ([f"upscaled {scale:.1f}x"] if scale > MAX_UPSCALE else []) + \
+            ([f"{lost:.0%} of it {how}"] if lost > MAX_LOST else [])
+    return f"{w}x{h} input resized to {tw}x{th}: " + ", ".join(notes) if notes else None
+
+
 def preprocess_image(image: np.ndarray, size: tuple[int, int], preprocess: str) -> np.ndarray:
-    """uint8 (h, w, 3) -> uint8 (H, W, 3) model input (see the module docstring)."""
+    """uint8 (h, w, 3) -> uint8 (H, W, 3) model input (see the module docstring); an odd fit is warned about."""
+    warning = resize_warning(image.shape[:2], size, preprocess)
+    if warning:
+        log.warning("%s (the edit may be poor)", warning)
     img = Image.fromarray(image)
     if preprocess == "official":
         side = max(img.size)

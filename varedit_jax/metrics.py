@@ -1,7 +1,9 @@
 """Training metrics: JSONL + TensorBoard (tensorboardX) on process 0, a console progress bar, and MFU.
 
-`workdir/metrics.jsonl` gets one JSON object per logged step ({"step", "split": "train"|"val", ...}); TensorBoard
-scalars go to `workdir/tb/` as `<split>/<name>`. MFU = model FLOP/s per device (`transformer_flops`: forward +
+`workdir/metrics.jsonl` gets one JSON object per logged step ({"step", "split": "train"|"val", ...}); a resumed run
+first drops the rows after its checkpoint's step (it logs them again) and writes a {"split": "restart"} row, so each
+step appears once. TensorBoard scalars go to `workdir/tb/` as `<split>/<name>` (a resumed run's writer starts with
+`purge_step`, so TensorBoard discards the earlier events from that step on). MFU = model FLOP/s per device (`transformer_flops`: forward +
 backward = 3 forwards of the transformer's matmuls, dense attention, remat recomputation and the frozen encoders not
 counted, as MaxText / PaLM define it) / the device's peak: `PEAK_FLOPS` by device kind (bf16 dense), or, on a CPU, a
 measured fp32 matmul rate. XLA's own count of a compiled program (`compiled_flops`, reported by the planner and the
@@ -69,8 +71,11 @@ class Writer:
         self.enabled = enabled
         self.workdir = workdir
         if enabled:
+            dropped = _truncate_after(workdir / "metrics.jsonl", first_step) if first_step else 0
             self.jsonl = open(workdir / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(str(workdir / "tb"))
+            if first_step:  # a resumed run: mark the restart (the rows after its checkpoint were dropped)
+                self.jsonl.write(json.dumps({"step": first_step, "split": "restart", "dropped_rows": dropped}) + "\n")
+            self.tb = SummaryWriter(str(workdir / "tb"), purge_step=first_step or None)
             self.bar = tqdm.tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True,
                                  mininterval=2.0)
 
@@ -103,6 +108,26 @@ class Writer:
             self.bar.close()
             self.tb.close()
             self.jsonl.close()
+
+
+def _truncate_after(path: pathlib.Path, step: int) -> int:
+    """Drops the rows of `path` logged after `step` (a resumed run recomputes them); returns how many."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if _row_step(line) <= step]
+    if len(keep) < len(lines):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(path)
+    return len(lines) - len(keep)
+
+
+def _row_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):  # a line cut by a kill: dropped with the rows after it
+        return float("inf")
 
 
 def _plain(v):

@@ -12,6 +12,8 @@ Config (`config.optim`):
 No-decay set (official `trainer.py` param groups): `transformer.weight_decay` (decay = Linear weights and fused
 projections; the test checks it against the official rule on the exported state dict's names and shapes).
 """
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,6 +25,19 @@ from varedit_jax import transformer
 def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(lr=6e-5, warmup_steps=0, b1=0.9, b2=0.97, eps=1e-8, weight_decay=0.005,
                                           clip=5.0, ema_decay=0.0))
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError for values no run should train with: lr outside (0, 1], b1 / b2 outside [0, 1), eps,
+    clip <= 0, weight_decay or ema_decay outside [0, 1), warmup_steps < 0, or any non-finite value."""
+    bad = [f"{k}={v}" for k, v in cfg.items() if isinstance(v, float) and not math.isfinite(v)]
+    ranges = {"lr": (0 < cfg.lr <= 1, "in (0, 1]"), "b1": (0 <= cfg.b1 < 1, "in [0, 1)"),
+              "b2": (0 <= cfg.b2 < 1, "in [0, 1)"), "eps": (cfg.eps > 0, "> 0"), "clip": (cfg.clip > 0, "> 0"),
+              "weight_decay": (0 <= cfg.weight_decay < 1, "in [0, 1)"),
+              "ema_decay": (0 <= cfg.ema_decay < 1, "in [0, 1)"), "warmup_steps": (cfg.warmup_steps >= 0, ">= 0")}
+    bad += [f"{k}={cfg[k]} (must be {want})" for k, (ok, want) in ranges.items() if not ok]
+    if bad:
+        raise ValueError("optim: " + "; ".join(dict.fromkeys(bad)))
 
 
 def _path_keys(path) -> tuple:

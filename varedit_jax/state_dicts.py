@@ -116,8 +116,30 @@ def _read(path: pathlib.Path, nested: Sequence[Sequence[str]], keep: Callable[[s
                      f"{', '.join(TORCH_SUFFIXES)} or a folder)")
 
 
-def check_state_dict(got: Mapping[str, np.ndarray], expected: Mapping[str, Iterable[int]], what: str) -> None:
-    """Raises StateDictMismatch naming missing / unexpected keys and the first shape mismatch."""
+def _is_float(dtype) -> bool:
+    return np.dtype(dtype).kind == "f" or np.dtype(dtype) == ml_dtypes.bfloat16
+
+
+def check_values(sd: Mapping[str, np.ndarray], what: str, int_keys: Iterable[str] = ()) -> None:
+    """Raises StateDictMismatch naming the tensors that are not floating point (outside `int_keys`, the integer
+    buffers a layout has) or hold NaN / inf: a cast or a NaN copied into a checkpoint would be a silent wrong model."""
+    int_keys = set(int_keys)
+    not_float = sorted(k for k, v in sd.items() if k not in int_keys and not _is_float(v.dtype))
+    nonfinite = sorted(k for k, v in sd.items() if _is_float(v.dtype) and not np.isfinite(v).all())
+    lines = []
+    if not_float:
+        lines.append(f"  not floating point where weights are ({len(not_float)}): "
+                     f"{[f'{k} ({sd[k].dtype})' for k in not_float[:10]]}")
+    if nonfinite:
+        lines.append(f"  NaN or inf values ({len(nonfinite)}): {nonfinite[:10]}")
+    if lines:
+        raise StateDictMismatch("\n".join([f"{what}: refused"] + lines))
+
+
+def check_state_dict(got: Mapping[str, np.ndarray], expected: Mapping[str, Iterable[int]], what: str,
+                     int_keys: Iterable[str] = ()) -> None:
+    """Raises StateDictMismatch naming missing / unexpected keys and the first shape mismatch, then
+    `check_values` (dtypes, NaN / inf)."""
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     shape_bad = [(k, tuple(got[k].shape), tuple(expected[k])) for k in expected
@@ -133,6 +155,7 @@ def check_state_dict(got: Mapping[str, np.ndarray], expected: Mapping[str, Itera
             k, g, e = shape_bad[0]
             lines.append(f"  first shape mismatch: {k}: got {g}, expected {e} ({len(shape_bad)} in all)")
         raise StateDictMismatch("\n".join(lines))
+    check_values(got, what, int_keys)
 
 
 def require_keys(sd: Mapping[str, np.ndarray], keys: Sequence[str], what: str, kind: str) -> None:

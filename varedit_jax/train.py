@@ -39,8 +39,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from data_pipelines import records
-from varedit_jax import (assets, checkpoint, data, distributed, editor, images, loading, metrics, optim, schedules,
-                         sharding, text, topology, train_config, transformer)
+from varedit_jax import (assets, checkpoint, configlib, data, distributed, editor, images, loading, metrics, optim,
+                         run_lock, schedules, sharding, text, topology, train_config, transformer)
 from varedit_jax.eval import report
 from varedit_jax.train_step import Frozen, TrainState, eval_step, sequence_layout, train_step
 
@@ -100,10 +100,14 @@ class Trainer:
         params = sharding.place(params, self.param_shardings)
         return jax.jit(self.init_state_fn, out_shardings=self.state_shardings)(params)
 
-    def restore_state(self, checkpoints: checkpoint.TrainCheckpoints, step: int, iterator) -> TrainState:
-        """The TrainState of checkpoint `step`, restored into the training shardings (`iterator` set in place)."""
+    def restore_state(self, checkpoints: checkpoint.TrainCheckpoints, iterator) -> TrainState | None:
+        """The TrainState of the newest intact checkpoint, restored into the training shardings (`iterator` set in
+        place), or None when there is none."""
         abstract = self.abstract_state()
-        params, rest = checkpoints.restore(step, abstract.params, abstract.rest(), iterator)
+        found = checkpoints.restore_latest(abstract.params, abstract.rest(), iterator)
+        if found is None:
+            return None
+        step, params, rest = found
         return TrainState(step=sharding.place(np.int32(step), abstract.step.sharding), params=params, **rest)
 
     def check_sharding(self, state: TrainState) -> None:
@@ -180,6 +184,8 @@ class Run:
     checkpoints: checkpoint.TrainCheckpoints
     writer: metrics.Writer
     peak_flops: float
+    records_read: int = 0                  # in this call, all processes (replaced records included)
+    replaced: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(len(data.CAUSES), np.int64))
 
     def tokenize(self, texts, n):
         return self.models[2](list(texts), n)
@@ -201,10 +207,9 @@ def _open_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple
     tok = lambda texts, n: text_tokenizer(list(texts), n)  # noqa: E731
     iterator = iter(data.make_dataset(config.data, seed=config.seed, batch_size=config.batch_size, tokenizer=tok))
     checkpoints = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints)
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        state = trainer.restore_state(checkpoints, latest, iterator)
-        print(f"resumed {workdir} at step {latest}", flush=True)
+    state = trainer.restore_state(checkpoints, iterator)
+    if state is not None:
+        print(f"resumed {workdir} at step {int(jax.device_get(state.step))}", flush=True)
     else:
         state = trainer.init_state(loading.load_init_params(config))
     trainer.check_sharding(state)
@@ -221,7 +226,9 @@ def _run_step(run: Run, state: TrainState, step: int, compiled: dict) -> tuple[T
     """One step of the loop (compiling the template's step on first use); returns the new state and its metrics."""
     config = run.config
     template = data.template_for_step(config.seed, step, tuple(config.data.templates))
-    host, ids = run.host_batch(next(run.iterator))
+    local = next(run.iterator)
+    host, ids = run.host_batch(local)
+    replaced = data.replaced_counts(local)
     batch = data.global_batch(host, run.trainer.batch_sharding)
     with jax.set_mesh(run.trainer.mesh):  # the mesh context the Pallas kernels need; the shardings are explicit
         if template not in compiled:
@@ -236,7 +243,11 @@ def _run_step(run: Run, state: TrainState, step: int, compiled: dict) -> tuple[T
     layout = sequence_layout(config, template)
     row = {k: float(v) for k, v in out.items() if k != "finite"}
     row.update(finite=bool(out["finite"]), step_time_s=dt, data_digest=zlib.crc32("\n".join(map(str, ids)).encode()),
-               tokens_per_s_per_device=config.batch_size * layout.length / dt / jax.device_count())
+               tokens_per_s_per_device=config.batch_size * layout.length / dt / jax.device_count(),
+               **{"data/replaced": int(replaced.sum())},
+               **{f"data/replaced_{cause}": int(n) for cause, n in zip(data.CAUSES, replaced)})
+    run.records_read += config.batch_size + int(replaced.sum())
+    run.replaced += replaced
     if not math.isnan(run.peak_flops):  # model FLOPs: forward + backward of every sample, per device
         row["mfu"] = (config.batch_size * 3 * metrics.transformer_flops(config.model, layout, config.text.max_len)
                       / jax.device_count() / dt / run.peak_flops)
@@ -248,6 +259,11 @@ def _after_step(run: Run, state: TrainState, step: int, row: dict) -> None:
     config = run.config
     if step % config.log_every == 0 or step == config.total_steps or not row["finite"]:
         run.writer.write(step, "train", {k: v for k, v in row.items() if k != "finite"})
+    try:
+        data.check_bad_fraction(run.records_read, int(run.replaced.sum()), config.data.max_bad_fraction)
+    except data.TooMuchBadData:
+        run.save(state, wait=True)
+        raise
     if not row["finite"]:
         run.writer.log(f"step {step}: non-finite loss or gradients, step skipped ({int(row['skipped'])} so far)")
         if int(jax.device_get(state.bad_steps)) >= config.max_nonfinite_steps:
@@ -274,6 +290,11 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
     config = assets.resolve(config)  # under jax.distributed, `main` has built them already (assets.build_in_child)
     if config.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "xla"))
+    with run_lock.hold(workdir):
+        return _train(config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     run, state = _open_run(config, workdir)
     start = step = int(jax.device_get(state.step))
     if jax.process_index() == 0:
@@ -315,7 +336,8 @@ def _summary(run: Run, state: TrainState, step: int, rows: list[dict]) -> dict:
     summary = {"step": step, "final_loss": rows[-1]["loss"] if rows else None,
                "skipped": int(jax.device_get(state.skipped)), "step_time_s": median("step_time_s"),
                "workdir": str(run.workdir), "tokens_per_s_per_device": median("tokens_per_s_per_device"),
-               "mfu": median("mfu"), "checkpoint": str(run.workdir / "checkpoints" / str(step))}
+               "mfu": median("mfu"), "checkpoint": str(run.workdir / "checkpoints" / str(step)),
+               "records_read": run.records_read, "data_replaced": dict(zip(data.CAUSES, run.replaced.tolist()))}
     if jax.process_index() == 0:
         stored.write_text(json.dumps(summary, indent=1) + "\n")
         print(json.dumps(summary), flush=True)
@@ -376,10 +398,10 @@ def main(argv, config: ml_collections.ConfigDict | None, workdir: str | None, **
     try:
         distributed.init_distributed(config, **options)
         train(config, workdir)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, run_lock.WorkdirLocked) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:
+    except (FloatingPointError, data.TooMuchBadData) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -394,4 +416,4 @@ if __name__ == "__main__":  # flags are defined here only, so importing this mod
     _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index in an explicit multi-process run")
     app.run(lambda argv: sys.exit(main(argv, _CONFIG.value, _WORKDIR.value, auto=_DISTRIBUTED.value,
                                        coordinator=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                                       process_id=_PROCESS_ID.value)))
+                                       process_id=_PROCESS_ID.value)), flags_parser=configlib.parse_flags)

@@ -85,3 +85,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
                          f"{config.grad_accum}")
     if config.data.pn != config.pn:
         raise ValueError(f"data.pn {config.data.pn} != pn {config.pn}")
+    optim.validate(config.optim)

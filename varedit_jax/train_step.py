@@ -6,7 +6,8 @@
   instruction  -> frozen flan-T5 in the step, or host-cached features (`text_feats`); `text.drop_rate` of the
                   samples get the learned `cfg_uncond` (CFG training)
   transformer -> per-bit CE (official weighting) -> grads (`grad_accum` micro-batches, scanned) -> clip + AdamW
-  -> optional EMA. A step whose loss or gradients are not finite leaves the state unchanged and is counted.
+  -> optional EMA. A step whose loss, gradients, new parameters or optimizer state are not all finite leaves the state
+  unchanged and is counted.
 RNG: step s uses `fold_in(key(seed), s)`, so a resumed run draws exactly what a straight run draws.
 Batch (global arrays, leading dim B): source, target float32 (B, H, W, 3) in [-1, 1]; text_mask bool (B, T); and
 text_ids int32 (B, T) or text_feats float32 (B, T, Ct).
@@ -94,6 +95,12 @@ def _merge_frozen(frozen: Frozen, frozen_states) -> tuple:
     return nnx.merge(frozen.image_tokenizer, frozen_states[0]), nnx.merge(frozen.text_encoder, frozen_states[1])
 
 
+def _all_finite(tree) -> jax.Array:
+    """() bool: every floating-point leaf of `tree` is finite."""
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)
+
+
 def train_step(state: TrainState, frozen_states, batch: dict, *, graphdef, frozen: Frozen, tx, config,
                layout) -> tuple[TrainState, dict]:
     """One optimizer step (pure; jitted by `Trainer` with `state` donated)."""
@@ -114,9 +121,11 @@ def train_step(state: TrainState, frozen_states, batch: dict, *, graphdef, froze
         (aux, grads), _ = jax.lax.scan(body, zero, (_microbatches(batch, n), jnp.arange(n)))
         aux, grads = jax.tree.map(lambda x: x / n, (aux, grads))
     grad_norm = optim.global_norm(grads)
-    finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # The step counts as finite only if the loss, the gradients, and what it writes (parameters and optimizer state:
+    # a huge lr overflows the update with finite gradients) are all finite.
+    finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm) & _all_finite((params, opt_state))
     ema = None if state.ema is None else optim.update_ema(state.ema, params, config.optim.ema_decay)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     new = TrainState(step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),

@@ -31,7 +31,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from data_pipelines import toy
-from varedit_jax import checkpoint, image_tokenizer, images, schedules
+from varedit_jax import checkpoint, configlib, image_tokenizer, images, schedules
 
 TRAIN_STATE = "train_state"
 
@@ -188,4 +188,4 @@ def main(argv, config: ml_collections.ConfigDict | None, workdir: str | None) ->
 if __name__ == "__main__":  # flags are defined here only, so importing this module defines none
     _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/*.py training config", lock_config=True)
     _WORKDIR = flags.DEFINE_string("workdir", None, "output / resume directory")
-    app.run(lambda argv: sys.exit(main(argv, _CONFIG.value, _WORKDIR.value)))
+    app.run(lambda argv: sys.exit(main(argv, _CONFIG.value, _WORKDIR.value)), flags_parser=configlib.parse_flags)

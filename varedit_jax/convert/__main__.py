@@ -1,13 +1,18 @@
 """python -m varedit_jax.convert {import,export} ...
 
-  import --kind {infinity,varedit,vae,t5} --src FILE|DIR --out CKPT_DIR [--config CFG]
+  import --kind {infinity,varedit,image_tokenizer,t5} --src FILE|DIR --out CKPT_DIR [--config CFG] [--overwrite]
       official weights -> an orbax checkpoint carrying its own config. Shapes determine the architecture;
       --config (configs/*.py or a fixture config.json) supplies the rest and is checked against the weights.
+      A non-empty --out is refused unless --overwrite (the new checkpoint then replaces it whole, atomically).
+      Tensors with NaN / inf, or integer where weights are floating point, are refused by name.
   export --checkpoint CKPT|WORKDIR|STEP_DIR --out FILE.safetensors|FILE.pth [--dtype fp32|bf16]
       a checkpoint (imported or trained here) -> the exact official key set.
 A mismatched source is refused with the named keys and nothing is written.
 """
 import argparse
+import os
+import pathlib
+import shutil
 import sys
 
 import jax
@@ -26,6 +31,21 @@ def _cast(state_dict: dict, dtype: str) -> dict:
             for k, v in state_dict.items()}
 
 
+def _save_replacing(out: pathlib.Path, params, config, *, overwrite: bool) -> pathlib.Path:
+    """Writes the checkpoint beside `out`, then swaps it in (the old one stays whole until the new one is complete)."""
+    out = out.expanduser().resolve()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"--out {out} is not empty (pass --overwrite to replace it)")
+    tmp, old = out.with_name(f".{out.name}.tmp-{os.getpid()}"), out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    step_dir = checkpoint.save_params(tmp, params, config)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out / step_dir.name
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m varedit_jax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,6 +55,7 @@ def main(argv=None) -> int:
     imp.add_argument("--src", required=True)
     imp.add_argument("--out", required=True)
     imp.add_argument("--config", default=None)
+    imp.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     exp = sub.add_parser("export", help="orbax checkpoint -> official state dict")
     exp.add_argument("--checkpoint", required=True)
     exp.add_argument("--out", required=True)
@@ -46,7 +67,7 @@ def main(argv=None) -> int:
             fam = family(args.kind)
             given = fam.config_from_file(args.config, kind=args.kind) if args.config else None
             config, params = fam.import_weights(args.src, given, kind=args.kind)
-            path = checkpoint.save_params(args.out, params, config)
+            path = _save_replacing(pathlib.Path(args.out), params, config, overwrite=args.overwrite)
             n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
             print(f"imported {args.kind} ({n:,} parameters) from {args.src} -> {path}")
         else:

@@ -201,7 +201,8 @@ def import_weights(src, config: ml_collections.ConfigDict | None = None, *, kind
         if key in sd and not np.array_equal(np.asarray(sd[key]), lfq_mask(model_cfg.codebook_dim)):
             raise state_dicts.StateDictMismatch(f"{what}: buffer {key!r} is not 2**(d-1-j) for d = {model_cfg.codebook_dim}")
     # The mask buffers are optional (unused; the official loader ignores them); everything else must match.
-    state_dicts.check_state_dict(sd, {k: s for k, s in expected.items() if k not in MASK_KEYS or k in sd}, what)
+    state_dicts.check_state_dict(sd, {k: s for k, s in expected.items() if k not in MASK_KEYS or k in sd}, what,
+                                 int_keys=MASK_KEYS)
     params: dict = {}
     for path, name, kind_, _ in key_table(model_cfg):
         node = params
@@ -220,7 +221,7 @@ def export_weights(config: ml_collections.ConfigDict, params) -> dict[str, np.nd
         out[name] = _to_official(state_dicts.fetch_param(params, path), kind_)
     for key in MASK_KEYS:
         out[key] = lfq_mask(model_cfg.codebook_dim)
-    state_dicts.check_state_dict(out, expected_shapes(model_cfg), "exported tokenizer")
+    state_dicts.check_state_dict(out, expected_shapes(model_cfg), "exported tokenizer", int_keys=MASK_KEYS)
     return out
 
 
