@@ -35,9 +35,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
               "b2": (0 <= cfg.b2 < 1, "in [0, 1)"), "eps": (cfg.eps > 0, "> 0"), "clip": (cfg.clip > 0, "> 0"),
               "weight_decay": (0 <= cfg.weight_decay < 1, "in [0, 1)"),
               "ema_decay": (0 <= cfg.ema_decay < 1, "in [0, 1)"), "warmup_steps": (cfg.warmup_steps >= 0, ">= 0")}
-    bad += [f"{k}={cfg[k]} (must be {want})" for k, (ok, want) in ranges.items() if not ok]
+    bad += [f"{k}={cfg[k]} (must be {want})" for k, (ok, want) in ranges.items()
+            if not ok and math.isfinite(cfg[k])]
     if bad:
-        raise ValueError("optim: " + "; ".join(dict.fromkeys(bad)))
+        raise ValueError("optim: " + "; ".join(bad))
 
 
 def _path_keys(path) -> tuple:
