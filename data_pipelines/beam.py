@@ -18,6 +18,7 @@ import zlib
 
 from data_pipelines import build as local_build
 from data_pipelines.records import DUPLICATE_ID, BuildDir, Checks, Filtered, Scores, Skip, commit_chunk, to_record
+from varedit_jax import storage
 
 log = logging.getLogger("data_pipelines")
 
@@ -95,11 +96,12 @@ def main(argv=None) -> int:
         parser.error("--num-shards must be >= 1")
     log.setLevel(logging.INFO)
     try:
+        storage.check_reachable(args.out)
         reader = local_build.make_reader(args)
         scores = Scores(args.filter_scores, args.min_score) if args.filter_scores else None
         result = build(reader, args.out, local_build.options(args), checks=Checks(args.min_side, args.max_aspect),
                        scores=scores, num_shards=args.num_shards, pipeline_args=pipeline_args)
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (FileNotFoundError, ValueError, ImportError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(local_build.report(result))

@@ -20,6 +20,7 @@ import time
 
 from data_pipelines import imgedit, seed_edit, toy, webdataset
 from data_pipelines.records import DUPLICATE_ID, BuildDir, Checks, Filtered, Scores, Skip, to_record
+from varedit_jax import storage
 
 FORMATS = ("seed_edit", "imgedit", "webdataset", "toy")
 log = logging.getLogger("data_pipelines")
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The build flags (shared with `data_pipelines.beam`)."""
     parser.add_argument("--format", required=True, choices=FORMATS, help="raw dataset layout")
     parser.add_argument("--src", help="raw dataset path (not for --format toy)")
-    parser.add_argument("--out", required=True, help="output dataset directory")
+    parser.add_argument("--out", required=True, help="output dataset directory (local or gs://)")
     parser.add_argument("--num", type=int, help="at most N records in the output (required for toy)")
     parser.add_argument("--filter-scores", help="JSON {id: score} or JSONL {id, score} of per-pair quality scores")
     parser.add_argument("--min-score", type=float, help="keep pairs with score >= X (with --filter-scores)")
@@ -69,8 +70,8 @@ def make_reader(args: argparse.Namespace):
 
 def options(args: argparse.Namespace) -> dict:
     """What defines the dataset in DIR (stored in build.json; --num and --shard-size may change between runs)."""
-    return {"format": args.format, "src": os.path.abspath(args.src) if args.src else None,
-            "filter_scores": os.path.abspath(args.filter_scores) if args.filter_scores else None,
+    return {"format": args.format, "src": os.fspath(storage.path(args.src)) if args.src else None,
+            "filter_scores": os.fspath(storage.path(args.filter_scores)) if args.filter_scores else None,
             "min_score": args.min_score, "min_side": args.min_side, "max_aspect": args.max_aspect,
             "imgedit_multiturn": args.imgedit_multiturn if args.format == "imgedit" else None,
             "size": args.size if args.format == "toy" else None, "seed": args.seed if args.format == "toy" else None}
@@ -158,11 +159,12 @@ def main(argv=None) -> int:
     validate(parser, args)
     log.setLevel(logging.INFO)
     try:
+        storage.check_reachable(args.out)
         reader = make_reader(args)
         scores = Scores(args.filter_scores, args.min_score) if args.filter_scores else None
         result = build(reader, args.out, options(args), num=args.num, scores=scores, shard_size=args.shard_size,
                        checks=Checks(args.min_side, args.max_aspect))
-    except (FileNotFoundError, ValueError, ImportError) as e:
+    except (FileNotFoundError, ValueError, ImportError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(report(result))

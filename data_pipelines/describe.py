@@ -13,6 +13,7 @@ import sys
 from PIL import Image, ImageDraw
 
 from data_pipelines.records import decode_mask, decode_record, open_records, read_summary
+from varedit_jax import storage
 
 THUMB = 160
 CAPTION = 14
@@ -70,16 +71,17 @@ def grid(records: list[dict]) -> Image.Image:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_pipelines.describe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dir", help="a dataset directory written by data_pipelines.build")
+    parser.add_argument("dir", help="a dataset directory written by data_pipelines.build (local or gs://)")
     parser.add_argument("--n", type=int, default=5, help="records to show")
     parser.add_argument("--grid", help="write an image grid of the shown records to this PNG")
     args = parser.parse_args(argv)
     if args.n < 0:
         parser.error("--n must be >= 0")
     try:
+        storage.check_reachable(args.dir)
         summary = read_summary(args.dir)
         records = first_records(args.dir, args.n)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{summary['num_records']} records")
@@ -93,7 +95,9 @@ def main(argv=None) -> int:
         if not good:
             print("error: no records to draw", file=sys.stderr)
             return 2
-        grid(good).save(args.grid)
+        buf = io.BytesIO()
+        grid(good).save(buf, format="PNG")
+        storage.write_bytes(args.grid, buf.getvalue())
         print(f"grid of {len(good)} records -> {args.grid}")
     return 0
 

@@ -2,6 +2,8 @@
 
 Plain ArrayRecord shards (`group_size:1`, uncompressed: images are already compressed) holding one msgpack map per
 edit pair. Readable without TensorFlow or TFDS: `open_records(paths)` (a grain ArrayRecordDataSource) + `decode_record`.
+A dataset directory is local or on gs:// (`varedit_jax.storage` paths): shards are read from gs:// natively by
+array_record, or copied to a local folder first by `stage` (opt-in: `data.stage_dir`).
 
 Layout of a dataset directory DIR:
   DIR/build.json                      the build options; a re-run into DIR must use the same ones
@@ -25,11 +27,11 @@ Record schema (version 1), msgpack map with string keys:
 """
 import collections
 import dataclasses
-import glob
 import io
 import json
 import logging
 import os
+import shutil
 from typing import Iterable, Iterator, Sequence
 
 import grain
@@ -37,6 +39,8 @@ import msgpack
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 from PIL import Image
+
+from varedit_jax import storage
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "varedit_edit_pairs"
@@ -106,8 +110,7 @@ class Scores:
 
     def __init__(self, path: str, min_score: float):
         self.path, self.min_score = path, float(min_score)
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        text = storage.path(path).read_text(encoding="utf-8")
         self.scores = {}
         if path.endswith(".jsonl"):
             for n, line in enumerate(text.splitlines(), 1):
@@ -141,10 +144,9 @@ class Scores:
 def _load_image(ref: ImageRef) -> tuple[bytes, tuple[int, int]] | str:
     """(bytes, (h, w)) of a fully decoded image, or the skip reason."""
     if isinstance(ref, str):
-        if not os.path.isfile(ref):
+        if not storage.path(ref).is_file():
             return MISSING_IMAGE
-        with open(ref, "rb") as f:
-            ref = f.read()
+        ref = storage.path(ref).read_bytes()
     try:
         with Image.open(io.BytesIO(ref)) as im:
             im.load()
@@ -217,35 +219,34 @@ def encode_png(array: np.ndarray) -> bytes:
 # ----------------------------------------------------------------------------------------------------------------
 # Resumable sharded writing
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def shard_name(chunk: int) -> str:
     return f"records-{chunk:05d}.array_record"
 
 
-def commit_chunk(out: str, chunk: int, records: Sequence[tuple[str, bytes]], skipped: Iterable[Skip],
-                 filtered: Iterable[Filtered]) -> dict:
-    """Writes chunk `chunk` of DIR `out` atomically: its shard (if it has records), then its manifest."""
-    shard = None
-    if records:
-        shard = shard_name(chunk)
-        tmp = os.path.join(out, f"{shard}.tmp{os.getpid()}")
-        writer = ArrayRecordWriter(tmp, WRITER_OPTIONS)
+def _write_shard(path, records: Sequence[tuple[str, bytes]]) -> None:
+    """Writes a shard whole: locally to a temporary name renamed into place; on gs:// one upload when complete."""
+    with storage.staged(path) as local:
+        tmp = local.with_name(f"{local.name}.tmp{os.getpid()}")
+        writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
         for _, data in records:
             writer.write(data)
         writer.close()
-        os.replace(tmp, os.path.join(out, shard))
+        os.replace(tmp, local)
+
+
+def commit_chunk(out, chunk: int, records: Sequence[tuple[str, bytes]], skipped: Iterable[Skip],
+                 filtered: Iterable[Filtered]) -> dict:
+    """Writes chunk `chunk` of DIR `out` (local or gs://) atomically: its shard (if it has records), then its
+    manifest."""
+    out = storage.path(out)
+    shard = None
+    if records:
+        shard = shard_name(chunk)
+        _write_shard(out / shard, records)
     manifest = {"chunk": chunk, "shard": shard, "ids": [i for i, _ in records],
                 "skipped": [dataclasses.asdict(s) for s in skipped],
                 "filtered": [dataclasses.asdict(f) for f in filtered]}
-    _atomic_write_text(os.path.join(out, "manifest", f"chunk-{chunk:05d}.json"), json.dumps(manifest))
+    storage.write_text(out / "manifest" / f"chunk-{chunk:05d}.json", json.dumps(manifest))
     return manifest
 
 
@@ -256,28 +257,26 @@ class BuildDir:
     previous `dataset.json` (the directory is incomplete until `finalize`).
     """
 
-    def __init__(self, out: str, options: dict):
-        self.out = out
-        os.makedirs(os.path.join(out, "manifest"), exist_ok=True)
+    def __init__(self, out, options: dict):
+        self.out = storage.makedirs(out)
+        storage.makedirs(self.out / "manifest")
         self._check_options(options)
         self.reload()
         committed = {m["shard"] for m in self.manifests if m["shard"]}
-        for path in glob.glob(os.path.join(out, "*.tmp*")) + glob.glob(os.path.join(out, "manifest", "*.tmp*")):
-            os.remove(path)
-        for path in glob.glob(os.path.join(out, "records-*.array_record")):
-            if os.path.basename(path) not in committed:
+        for path in [*self.out.glob("*.tmp*"), *(self.out / "manifest").glob("*.tmp*")]:
+            path.unlink()
+        for path in self.out.glob("records-*.array_record"):
+            if path.name not in committed:
                 log.info("removing uncommitted shard %s", path)
-                os.remove(path)
+                path.unlink()
         for name in ("dataset.json", "skipped.jsonl"):
-            if os.path.exists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
+            if (self.out / name).exists():
+                (self.out / name).unlink()
 
     def reload(self) -> None:
         """(Re-)reads the committed manifests, e.g. after chunks were committed by Beam workers."""
-        self.manifests = []
-        for path in sorted(glob.glob(os.path.join(self.out, "manifest", "chunk-*.json"))):
-            with open(path, encoding="utf-8") as f:
-                self.manifests.append(json.load(f))
+        self.manifests = [json.loads(path.read_text(encoding="utf-8"))
+                          for path in sorted((self.out / "manifest").glob("chunk-*.json"))]
         self.done_ids = set()
         for m in self.manifests:
             self.done_ids.update(m["ids"])
@@ -287,16 +286,15 @@ class BuildDir:
         self.next_chunk = max((m["chunk"] for m in self.manifests), default=-1) + 1
 
     def _check_options(self, options: dict) -> None:
-        path = os.path.join(self.out, "build.json")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                previous = json.load(f)
+        path = self.out / "build.json"
+        if path.exists():
+            previous = json.loads(path.read_text(encoding="utf-8"))
             if previous != options:
                 changed = sorted(k for k in set(previous) | set(options) if previous.get(k) != options.get(k))
                 raise ValueError(f"{self.out} was built with other options ({', '.join(changed)} differ: "
                                  f"{ {k: previous.get(k) for k in changed} }); use another --out")
         else:
-            _atomic_write_text(path, json.dumps(options, indent=1))
+            storage.write_text(path, json.dumps(options, indent=1))
 
     def commit(self, records: Sequence[tuple[str, bytes]], skipped: Sequence[Skip],
                filtered: Sequence[Filtered]) -> None:
@@ -319,9 +317,8 @@ class BuildDir:
             "skipped": _count(s["reason"] for s in skipped),
             "filtered": _count(f["reason"] for f in filtered),
         }
-        _atomic_write_text(os.path.join(self.out, "skipped.jsonl"),
-                           "".join(json.dumps(e) + "\n" for e in skipped + filtered))
-        _atomic_write_text(os.path.join(self.out, "dataset.json"), json.dumps(summary, indent=1))
+        storage.write_text(self.out / "skipped.jsonl", "".join(json.dumps(e) + "\n" for e in skipped + filtered))
+        storage.write_text(self.out / "dataset.json", json.dumps(summary, indent=1))
         return summary
 
 
@@ -332,14 +329,13 @@ def _count(reasons: Iterable[str]) -> dict[str, int]:
 # ----------------------------------------------------------------------------------------------------------------
 # Reading
 
-def read_summary(path: str) -> dict:
+def read_summary(path) -> dict:
     """The `dataset.json` of a finished build; raises FileNotFoundError for an unfinished or foreign directory."""
-    summary_path = os.path.join(path, "dataset.json")
-    if not os.path.isfile(summary_path):
+    summary_path = storage.path(path) / "dataset.json"
+    if not summary_path.is_file():
         raise FileNotFoundError(f"{path} is not a finished record dataset (no dataset.json); "
                                 "run `python -m data_pipelines.build` again to finish it")
-    with open(summary_path, encoding="utf-8") as f:
-        summary = json.load(f)
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
     if summary.get("format") != FORMAT_NAME or summary.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{summary_path}: expected format {FORMAT_NAME} v{SCHEMA_VERSION}, "
                          f"got {summary.get('format')} v{summary.get('schema_version')}")
@@ -353,7 +349,7 @@ class UnreadableShard(ValueError):
 def check_shard(path: str, num_records: int | None = None) -> None:
     """Raises UnreadableShard naming `path` (and why) unless it opens and holds `num_records` records."""
     why = None
-    if not os.path.exists(path):
+    if not storage.path(path).exists():
         why = "the file is missing"
     else:
         try:
@@ -369,11 +365,37 @@ def check_shard(path: str, num_records: int | None = None) -> None:
                               f"out of the paths)")
 
 
+def shard_files(path) -> list[tuple[str, int | None]]:
+    """(shard path, record count) of each shard of a finished dataset."""
+    return [(os.fspath(storage.path(path) / s["file"]), s.get("num_records")) for s in read_summary(path)["shards"]]
+
+
+def stage(path, stage_dir) -> str:
+    """A local copy of the dataset at `path` (gs://) under `stage_dir`, for the fastest random access; shards
+    already there with their size are kept (a restarted run does not copy again). Refused (OSError) when the
+    shards do not fit the free disk; local datasets are returned as they are."""
+    if not storage.is_remote(path):
+        return os.fspath(storage.path(path))
+    src = storage.path(path)
+    dst = storage.path(stage_dir) / storage.bucket_of(src) / os.fspath(src).split("/", 3)[3]
+    dst.mkdir(parents=True, exist_ok=True)
+    files = [src / "dataset.json"] + [storage.path(f) for f, _ in shard_files(src)]
+    sizes = {f.name: f.stat().length for f in files}
+    todo = [f for f in files if not (dst / f.name).exists() or (dst / f.name).stat().length != sizes[f.name]]
+    need, free = sum(sizes[f.name] for f in todo), shutil.disk_usage(dst).free
+    if need > free:
+        raise OSError(f"staging {path} needs {need / 2**30:.1f} GiB, {dst} has {free / 2**30:.1f} GiB free: "
+                      f"unset data.stage_dir to read the shards from gs:// directly, or free the disk")
+    for f in todo:
+        f.copy(dst / f.name, overwrite=True)
+    return os.fspath(dst)
+
+
 def open_records(paths: str | Sequence[str]) -> grain.sources.ArrayRecordDataSource:
-    """Random-access source of serialized records (bytes; `decode_record` them) over finished datasets; a shard
-    that cannot be opened raises UnreadableShard naming it."""
+    """Random-access source of serialized records (bytes; `decode_record` them) over finished datasets (local or
+    gs://); a shard that cannot be opened raises UnreadableShard naming it."""
     paths = [paths] if isinstance(paths, str) else list(paths)
-    shards = [(os.path.join(p, s["file"]), s.get("num_records")) for p in paths for s in read_summary(p)["shards"]]
+    shards = [shard for p in paths for shard in shard_files(p)]
     if not shards:
         raise ValueError(f"no records in {paths}")
     try:

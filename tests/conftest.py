@@ -6,9 +6,11 @@ Markers (declared in pytest.ini):
   parity  numerical parity with fixtures produced by the official PyTorch code.
 
 The session directory (removed at the end) holds `assets/` (`VAREDIT_CACHE`: the toy dataset, tokenizer and text
-encoder of `helpers.SMALL`, built once for every test and subprocess) and `xla/` (JAX's persistent compilation
-cache: a program compiled by one test or subprocess is loaded, not recompiled, by the next). Fixture discovery
-helpers for parity tests live in tests/helpers.py.
+encoder of `helpers.SMALL`, built once for every test and subprocess), `xla/` (JAX's persistent compilation
+cache: a program compiled by one test or subprocess is loaded, not recompiled, by the next) and `gcs/` (the GCS
+emulator's storage). Every storage endpoint variable of this process and of the processes tests start points at
+the session's GCS emulator on 127.0.0.1 (`gcs_emulator.reserve`), started by the `gcs` fixture on first use: no
+test reaches any other address. Fixture discovery helpers for parity tests live in tests/helpers.py.
 """
 import os
 import shutil
@@ -27,7 +29,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest  # noqa: E402
 
+import gcs_emulator  # noqa: E402
 from helpers import small_config  # noqa: E402
+
+_EMULATOR = gcs_emulator.reserve(os.path.join(_SESSION, "gcs"))
 
 
 def pytest_addoption(parser):
@@ -46,7 +51,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    _EMULATOR.stop()
     shutil.rmtree(_SESSION, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    """The session's GCS emulator, started on first use, with its bucket: yields "gs://varedit-test"."""
+    if _EMULATOR.proc is None:
+        _EMULATOR.start()
+    return _EMULATOR.make_bucket("varedit-test")
 
 
 @pytest.fixture(scope="session")

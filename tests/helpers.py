@@ -79,3 +79,28 @@ def small_config(**extra):
 def small_flags(**extra) -> list[str]:
     """`small_config(**extra)` as `--config.FIELD=VALUE` flags of the CLIs."""
     return [f"--config.{k}={v}" for k, v in {**SMALL, **extra}.items()]
+
+
+def train_subprocess(args, env_extra=None, **kw):
+    """`python -m varedit_jax.train --config configs/varedit_tiny.py ARGS` started in the background (stdout and
+    stderr together, text)."""
+    import subprocess
+    import sys
+    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))
+    return subprocess.Popen([sys.executable, "-m", "varedit_jax.train", "--config",
+                             str(REPO_ROOT / "configs/varedit_tiny.py"), *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def final_params(workdir) -> list:
+    """The leaves of the newest checkpoint's params of a training workdir (local or gs://)."""
+    import jax
+    from varedit_jax import checkpoint
+    return jax.tree.leaves(checkpoint.load_params(workdir)[1])
+
+
+def data_digests(workdir) -> dict:
+    """step -> the digest of the record ids of that step's batch, from a workdir's metrics.jsonl."""
+    from varedit_jax import storage
+    rows = [json.loads(line) for line in (storage.path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["data_digest"] for r in rows if r["split"] == "train"}

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import REPO_ROOT, small_config, small_flags
+from helpers import REPO_ROOT, data_digests, final_params, small_config, small_flags, train_subprocess
 from varedit_jax import assets, checkpoint, configlib, data, loading, optim, train, train_config, transformer
 
 @pytest.fixture(scope="module")
@@ -108,33 +108,12 @@ def test_init_checkpoint_keeps_matching_tensors_and_drops_the_others(parts, tmp_
     assert "word_embed" in capsys.readouterr().out
 
 
-def _subprocess(args, env_extra=None, **kw):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **(env_extra or {}))
-    return subprocess.Popen([sys.executable, "-m", "varedit_jax.train", "--config",
-                             str(REPO_ROOT / "configs/varedit_tiny.py"), *args], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def _flags(**extra):
-    return small_flags(**extra)
-
-
-def _params(workdir, step=None):
-    path = pathlib.Path(workdir) / "checkpoints" / str(step) if step else workdir
-    return jax.tree.leaves(checkpoint.load_params(path)[1])
-
-
-def _digests(workdir) -> dict:
-    rows = [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["data_digest"] for r in rows if r["split"] == "train"}
-
-
 @pytest.mark.slow
 def test_kill_9_and_resume_equals_a_straight_run(cache, tmp_path):
-    flags = _flags(total_steps=6, checkpoint_every=2)
-    straight = _subprocess([f"--workdir={tmp_path / 'a'}", *flags])
+    flags = small_flags(total_steps=6, checkpoint_every=2)
+    straight = train_subprocess([f"--workdir={tmp_path / 'a'}", *flags])
     assert straight.wait(600) == 0, straight.stdout.read()
-    killed = _subprocess([f"--workdir={tmp_path / 'b'}", *flags])
+    killed = train_subprocess([f"--workdir={tmp_path / 'b'}", *flags])
     marker = tmp_path / "b" / "checkpoints" / "2" / "commit_success.txt"
     deadline = time.time() + 600
     while not marker.exists() and killed.poll() is None and time.time() < deadline:
@@ -142,20 +121,20 @@ def test_kill_9_and_resume_equals_a_straight_run(cache, tmp_path):
     killed.send_signal(signal.SIGKILL)
     killed.wait(60)
     assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    first = _digests(tmp_path / "b")
-    resumed = _subprocess([f"--workdir={tmp_path / 'b'}", *flags])
+    first = data_digests(tmp_path / "b")
+    resumed = train_subprocess([f"--workdir={tmp_path / 'b'}", *flags])
     out = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0 and "resumed" in out, out
-    for a, b in zip(_params(tmp_path / "a"), _params(tmp_path / "b")):
+    for a, b in zip(final_params(tmp_path / "a"), final_params(tmp_path / "b")):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    straight_digests, resumed_digests = _digests(tmp_path / "a"), _digests(tmp_path / "b")
+    straight_digests, resumed_digests = data_digests(tmp_path / "a"), data_digests(tmp_path / "b")
     assert first and all(straight_digests[s] == d for s, d in resumed_digests.items())
     assert sorted(resumed_digests) == list(range(1, 7))
 
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_returns(cache, tmp_path):
-    proc = _subprocess([f"--workdir={tmp_path}", *_flags(total_steps=500, checkpoint_every=1000)])
+    proc = train_subprocess([f"--workdir={tmp_path}", *small_flags(total_steps=500, checkpoint_every=1000)])
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 600
     while (not metrics.exists() or len(metrics.read_text().splitlines()) < 2) and time.time() < deadline:
@@ -164,7 +143,7 @@ def test_sigterm_saves_a_checkpoint_and_returns(cache, tmp_path):
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0 and "preempted" in out, out
     step = checkpoint.resolve(tmp_path)[1]
-    assert 2 <= step < 500 and max(_digests(tmp_path)) == step
+    assert 2 <= step < 500 and max(data_digests(tmp_path)) == step
 
 
 def _free_port() -> int:
@@ -175,13 +154,13 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_with_jax_distributed_agree_with_one(cache, tmp_path):
-    flags = _flags(total_steps=2, checkpoint_every=2, sample_every=0, sample_count=2,
+    flags = small_flags(total_steps=2, checkpoint_every=2, sample_every=0, sample_count=2,
                    **{"text.drop_rate": 0.0, "bsc.noise_apply_layers": 0})
-    single = _subprocess([f"--workdir={tmp_path / 'one'}", *flags])
+    single = train_subprocess([f"--workdir={tmp_path / 'one'}", *flags])
     assert single.wait(600) == 0, single.stdout.read()
     port = _free_port()
     env = {"XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")}
-    procs = [_subprocess([f"--workdir={tmp_path / 'two'}", *flags, f"--coordinator=127.0.0.1:{port}",
+    procs = [train_subprocess([f"--workdir={tmp_path / 'two'}", *flags, f"--coordinator=127.0.0.1:{port}",
                           "--num_processes=2", f"--process_id={i}"], env) for i in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
@@ -199,7 +178,7 @@ def test_cli_errors_exit_2(cache, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "varedit_jax.train", f"--workdir={tmp_path}"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 2 and "--config" in proc.stderr
-    proc = _subprocess([f"--workdir={tmp_path}", "--config.conditioning=everything"])
+    proc = train_subprocess([f"--workdir={tmp_path}", "--config.conditioning=everything"])
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 2 and "conditioning" in out
 

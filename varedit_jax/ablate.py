@@ -25,11 +25,12 @@ import time
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from data_pipelines import records
 from varedit_jax import (assets, checkpoint, conditioning, configlib, distributed, editor, images, loading, plan,
-                         sampler, schedules, train, train_config, transformer)
+                         sampler, schedules, storage, train, train_config, transformer)
 from varedit_jax.eval import report, toy_metrics
 from varedit_jax.train_step import sequence_layout
 
@@ -77,7 +78,7 @@ def _arrays(pairs) -> dict:
     return dict(source=src, target=tgt, mask=mask, has_mask=has, instruction=[p["instruction"] for p in pairs])
 
 
-def evaluate_run(run: pathlib.Path, eval_set: dict, options: sampler.SamplingOptions, grid: pathlib.Path) -> dict:
+def evaluate_run(run: epath.Path, eval_set: dict, options: sampler.SamplingOptions, grid: epath.Path) -> dict:
     """Edits the eval set with the run's newest checkpoint; per-run row (cached in RUN/eval.json)."""
     root, step = checkpoint.resolve(run)
     cache = run / "eval.json"
@@ -100,7 +101,7 @@ def evaluate_run(run: pathlib.Path, eval_set: dict, options: sampler.SamplingOpt
         k = min(8, n)
         report.save_grid(grid, list(eval_set["source"][:k]), eval_set["instruction"][:k], list(outputs[:k]),
                          targets=list(eval_set["target"][:k]), title=run.parent.name + " / " + run.name)
-        cache.write_text(json.dumps(row, indent=1) + "\n")
+        storage.write_text(cache, json.dumps(row, indent=1) + "\n")
     return row
 
 
@@ -134,7 +135,7 @@ def _mean_std(rows: list[dict], mode: str) -> dict:
 def sweep(config: ml_collections.ConfigDict, modes, seeds, workdir, *, eval_pairs: int,
           options: sampler.SamplingOptions) -> list[dict]:
     """Trains / evaluates every (conditioning, seed) run; writes and returns the table rows."""
-    workdir = pathlib.Path(workdir).expanduser().resolve()
+    workdir = storage.path(workdir)
     config = assets.resolve(config)
     eval_set = _arrays(_eval_pairs(config, eval_pairs))
     rows, per_mode = [], {}

@@ -5,6 +5,7 @@ Layout (an orbax CheckpointManager directory):
   ROOT/<step>/config/       the full config as JSON (so every checkpoint can be used with no other flags)
   ROOT/<step>/train_state/  training only: optimizer state, EMA and the non-finite counters
   ROOT/<step>/data/         training only: the grain iterator state (one file per process)
+  ROOT/<step>/run/          training only: the git commit, process and device counts of the run (`run_info`)
 A training workdir keeps its manager under WORKDIR/checkpoints (`TrainCheckpoints`). `resolve` accepts a manager
 root, a workdir (newest step) or a step dir, so `convert export`, `edit` and `ablate` take any of the three.
 Configs stored by older versions are migrated on load (`migrate`: renamed fields and kinds).
@@ -18,9 +19,10 @@ with another model or optimizer (its stored shapes differ) is a `ValueError`, ne
 import functools
 import json
 import logging
+import os
 import pathlib
 import re
-import shutil
+import subprocess
 import sys
 from typing import Any, Callable
 
@@ -28,9 +30,12 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 
-PARAMS, CONFIG, TRAIN_STATE, DATA = "params", "config", "train_state", "data"
+from varedit_jax import storage
+
+PARAMS, CONFIG, TRAIN_STATE, DATA, RUN = "params", "config", "train_state", "data", "run"
 CORRUPT = "checkpoints_corrupt"
 
 
@@ -67,16 +72,24 @@ def migrate(data: dict) -> dict:
     return data
 
 
-def candidates(path: str | pathlib.Path) -> tuple[pathlib.Path, list[int], bool]:
-    """(manager root, steps newest first, explicit) for a manager root / workdir / step dir (explicit: a step dir
-    was named, so there is nothing to fall back to); raises FileNotFoundError if there is no step."""
-    path = pathlib.Path(path).expanduser().resolve()
+def _committed(step_dir: epath.Path) -> bool:
+    """A finished step: it has its config item, and on gs:// (where orbax writes in place, no rename) its
+    `commit_success.txt`."""
+    return (step_dir / CONFIG).is_dir() and (not storage.is_remote(step_dir)
+                                             or (step_dir / "commit_success.txt").exists())
+
+
+def candidates(path) -> tuple[epath.Path, list[int], bool]:
+    """(manager root, steps newest first, explicit) for a manager root / workdir / step dir, local or gs://
+    (explicit: a step dir was named, so there is nothing to fall back to); raises FileNotFoundError if there is
+    no step."""
+    path = storage.path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if (path / CONFIG).is_dir() and path.name.isdigit():
         return path.parent, [int(path.name)], True
     for root in (path, path / "checkpoints"):
-        steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and (p / CONFIG).is_dir()),
+        steps = sorted((int(p.name) for p in root.iterdir() if p.name.isdigit() and _committed(p)),
                        reverse=True) if root.is_dir() else []
         if steps:
             return root, steps, False
@@ -84,7 +97,7 @@ def candidates(path: str | pathlib.Path) -> tuple[pathlib.Path, list[int], bool]
                             f"(looked in {path} and {path / 'checkpoints'})")
 
 
-def resolve(path: str | pathlib.Path) -> tuple[pathlib.Path, int]:
+def resolve(path) -> tuple[epath.Path, int]:
     """(manager root, newest step) for a manager root / workdir / step dir; raises if none is found."""
     root, steps, _ = candidates(path)
     return root, steps[0]
@@ -106,7 +119,7 @@ def _leaf_shapes(tree) -> dict[str, tuple]:
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def check_stored_shapes(item_dir: pathlib.Path, abstract) -> None:
+def check_stored_shapes(item_dir: epath.Path, abstract) -> None:
     """Raises StoredShapeMismatch when the arrays stored at `item_dir` differ in names or shapes from `abstract` (the
     step was saved with another model / optimizer config); a metadata read error propagates (the step is damaged)."""
     stored = _leaf_shapes(ocp.StandardCheckpointHandler().metadata(item_dir))
@@ -139,7 +152,7 @@ def _silence_abandoned_reads() -> None:
     logging.getLogger("asyncio").addFilter(_QuietAbandoned())
 
 
-def first_intact(path, read: Callable[[pathlib.Path, int], Any], what: str = "checkpoint") -> tuple[int, Any]:
+def first_intact(path, read: Callable[[epath.Path, int], Any], what: str = "checkpoint") -> tuple[int, Any]:
     """(step, read(root, step)) for the newest step of `path` that reads; each damaged one is reported on stderr
     and skipped (for a named step dir, or when none is left: DamagedCheckpoint). A StoredShapeMismatch propagates:
     only read failures count as damage."""
@@ -162,10 +175,10 @@ def config_to_json(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def save_params(directory: str | pathlib.Path, params: Any, config: ml_collections.ConfigDict,
-                step: int = 0) -> pathlib.Path:
-    """Writes `params` (a pytree of arrays) and `config` as step `step` of a manager at `directory`."""
-    directory = pathlib.Path(directory).expanduser().resolve()
+def save_params(directory, params: Any, config: ml_collections.ConfigDict, step: int = 0) -> epath.Path:
+    """Writes `params` (a pytree of arrays) and `config` as step `step` of a manager at `directory` (local or
+    gs://)."""
+    directory = storage.path(directory)
     with ocp.CheckpointManager(directory, item_names=(PARAMS, CONFIG)) as mngr:
         mngr.save(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardSave(params),
                                                    CONFIG: ocp.args.JsonSave(config_to_json(config))}))
@@ -173,7 +186,7 @@ def save_params(directory: str | pathlib.Path, params: Any, config: ml_collectio
     return directory / str(step)
 
 
-def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+def load_config(path) -> ml_collections.ConfigDict:
     """The config stored with a checkpoint (any form `resolve` accepts; newest intact step), migrated."""
     def read(root, step):
         with ocp.CheckpointManager(root, item_names=(PARAMS, CONFIG)) as mngr:
@@ -181,7 +194,7 @@ def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(migrate(first_intact(path, read)[1]))
 
 
-def load_params(path: str | pathlib.Path, abstract_params: Any = None) -> tuple[ml_collections.ConfigDict, Any]:
+def load_params(path, abstract_params: Any = None) -> tuple[ml_collections.ConfigDict, Any]:
     """(config, params) of a checkpoint (newest intact step). `abstract_params` (a tree of jax.ShapeDtypeStruct,
     optionally with shardings) restores directly into that structure/placement; without it the stored arrays come
     back on this process's first device (whatever topology saved them, so any process can load them)."""
@@ -201,15 +214,55 @@ def load_params(path: str | pathlib.Path, abstract_params: Any = None) -> tuple[
     return ml_collections.ConfigDict(migrate(out[CONFIG])), out[PARAMS]
 
 
-class TrainCheckpoints:
-    """The async checkpoint manager of a training workdir (WORKDIR/checkpoints): params, train_state (everything
-    else the step changes, a dict), data (the grain iterator) and config per step; keeps the newest `keep`."""
+def git_commit() -> str:
+    """The commit of the code that is running: $VAREDIT_GIT_COMMIT (set by the TPU launcher, whose workers get a
+    `git archive`), else `git rev-parse HEAD` of this checkout (+ "-dirty" with uncommitted changes), else
+    "unknown"."""
+    if os.environ.get("VAREDIT_GIT_COMMIT"):
+        return os.environ["VAREDIT_GIT_COMMIT"]
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
 
-    def __init__(self, workdir: pathlib.Path, keep: int):
+
+def run_info() -> dict:
+    """What a training checkpoint records about the run that wrote it (its `run` item)."""
+    return {"git_commit": git_commit(), "process_count": jax.process_count(), "device_count": jax.device_count(),
+            "jax_version": jax.__version__}
+
+
+def stored_data_states(data_dir: epath.Path) -> dict[int, dict]:
+    """process index -> the grain iterator state each process of the run that wrote `data_dir` saved."""
+    found = {}
+    for f in data_dir.glob("process_*-of-*.json"):
+        m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", f.name)
+        if m:
+            found[int(m.group(1))] = (int(m.group(2)), json.loads(f.read_text()))
+    counts = {n for n, _ in found.values()}
+    if len(counts) != 1 or len(found) != next(iter(counts)):
+        raise ValueError(f"{data_dir}: incomplete data iterator states {sorted(f.name for f in data_dir.iterdir())}")
+    return {i: state for i, (_, state) in found.items()}
+
+
+class TrainCheckpoints:
+    """The async checkpoint manager of a training workdir (WORKDIR/checkpoints, local or gs://): params,
+    train_state (everything else the step changes, a dict), data (the grain iterator, one file per process), config
+    and run (`run_info`) per step; keeps the newest `keep`, and every `keep_period`-th step (0: none) beside them."""
+
+    def __init__(self, workdir: epath.Path, keep: int, keep_period: int = 0):
         handlers = {PARAMS: ocp.StandardCheckpointHandler(), TRAIN_STATE: ocp.StandardCheckpointHandler(),
-                    DATA: grain.checkpoint.CheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler()}
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
-        self.manager = ocp.CheckpointManager(workdir / "checkpoints", options=options, item_handlers=handlers)
+                    DATA: grain.checkpoint.CheckpointHandler(), CONFIG: ocp.JsonCheckpointHandler(),
+                    RUN: ocp.JsonCheckpointHandler()}
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_period or None,
+                                               enable_async_checkpointing=True, create=True)
+        self.manager = ocp.CheckpointManager(storage.path(workdir) / "checkpoints", options=options,
+                                             item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -218,24 +271,30 @@ class TrainCheckpoints:
              wait: bool = False) -> None:
         self.manager.save(step, args=ocp.args.Composite(**{
             PARAMS: ocp.args.StandardSave(params), TRAIN_STATE: ocp.args.StandardSave(train_state),
-            DATA: grain.checkpoint.CheckpointSave(iterator), CONFIG: ocp.args.JsonSave(config_to_json(config))}),
-            force=True)
+            DATA: grain.checkpoint.CheckpointSave(iterator), CONFIG: ocp.args.JsonSave(config_to_json(config)),
+            RUN: ocp.args.JsonSave(run_info())}), force=True)
         if wait:
             self.manager.wait_until_finished()
 
-    def restore_latest(self, abstract_params, abstract_train_state: dict, iterator) -> tuple[int, Any, dict] | None:
-        """(step, params, train_state) of the newest intact step (`iterator` set in place), or None when the
-        workdir has none. Each damaged step is reported and moved to WORKDIR/checkpoints_corrupt/<step>."""
+    def restore_latest(self, abstract_params, abstract_train_state: dict, iterator
+                       ) -> tuple[int, Any, dict, dict | None] | None:
+        """(step, params, train_state, data states) of the newest intact step, or None when the workdir has none.
+        When the step was saved by as many processes as run now, `iterator` is restored in place and data states
+        is None; otherwise it is {process index: iterator state} of the saving run (the caller re-splits it).
+        Each damaged step is reported and moved to WORKDIR/checkpoints_corrupt/<step>."""
         for step in sorted(self.manager.all_steps(), reverse=True):
             item = self.manager.directory / str(step)
             try:
                 check_stored_shapes(item / PARAMS, abstract_params)
                 check_stored_shapes(item / TRAIN_STATE, abstract_train_state)
-                out = self.manager.restore(step, args=ocp.args.Composite(**{
-                    PARAMS: ocp.args.StandardRestore(abstract_params),
-                    TRAIN_STATE: ocp.args.StandardRestore(abstract_train_state),
-                    DATA: grain.checkpoint.CheckpointRestore(iterator)}))
-                return step, out[PARAMS], out[TRAIN_STATE]
+                states = stored_data_states(item / DATA)
+                items = {PARAMS: ocp.args.StandardRestore(abstract_params),
+                         TRAIN_STATE: ocp.args.StandardRestore(abstract_train_state)}
+                if len(states) == jax.process_count():
+                    items[DATA], states = grain.checkpoint.CheckpointRestore(iterator), None
+                out = self.manager.restore(step, args=ocp.args.Composite(**items))
+                self._note_code_change(item)
+                return step, out[PARAMS], out[TRAIN_STATE], states
             except StoredShapeMismatch:
                 raise
             except Exception as e:  # noqa: BLE001 - TensorStore / orbax raise bare Exceptions for damaged files
@@ -243,15 +302,22 @@ class TrainCheckpoints:
                 self._quarantine(step, read_error(e))
         return None
 
+    def _note_code_change(self, step_dir: epath.Path) -> None:
+        if (step_dir / RUN).is_dir() and jax.process_index() == 0:
+            stored = self.manager.restore(int(step_dir.name), args=ocp.args.Composite(
+                **{RUN: ocp.args.JsonRestore()}))[RUN]
+            if stored.get("git_commit") != git_commit():
+                print(f"note: step {step_dir.name} was written by commit {stored.get('git_commit')}; resuming with "
+                      f"{git_commit()}", flush=True)
+
     def _quarantine(self, step: int, why: str) -> None:
         """Moves a damaged step out of the manager's root (process 0) and reloads the manager everywhere."""
-        src = pathlib.Path(self.manager.directory) / str(step)
+        src = storage.path(self.manager.directory) / str(step)
         dst = src.parent.parent / CORRUPT / str(step)
         if jax.process_index() == 0:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if dst.exists():
-                shutil.rmtree(dst)
-            shutil.move(str(src), str(dst))
+            storage.makedirs(dst.parent)
+            storage.remove_tree(dst)
+            src.rename(dst)  # on gs:// a copy + delete of every object of the step
             print(f"warning: checkpoint step {step} ({src}) is damaged: {why}; moved to {dst}, trying the previous "
                   f"step", file=sys.stderr, flush=True)
         if jax.process_count() > 1:

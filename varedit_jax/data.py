@@ -36,6 +36,7 @@ CheckpointManager; restoring gives exactly the same next batches.
 """
 import io
 import logging
+import zlib
 from typing import Callable, Sequence
 
 import grain
@@ -45,8 +46,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from data_pipelines import records
 from data_pipelines.records import decode_record, open_records
-from varedit_jax import images, schedules
+from varedit_jax import images, schedules, storage
 
 log = logging.getLogger(__name__)
 MAX_REPLACEMENTS = 64  # consecutive undecodable records before the pipeline gives up (a broken dataset, not noise)
@@ -68,7 +70,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.max_text_len = 512        # static token length (official: 512)
     c.shuffle = True
     c.num_epochs = None         # None: repeat forever
-    c.read_threads = 4
+    c.read_threads = -1         # record-reading threads (-1: 16 for gs:// datasets, whose reads wait on the network; 4)
+    c.stage_dir = ""            # copy gs:// datasets to this local folder first (refused when they exceed its free disk)
     c.prefetch_buffer_size = 32
     c.num_workers = 0           # mp_prefetch worker processes (0: none)
     c.worker_buffer_size = 2
@@ -119,6 +122,16 @@ def replaced_counts(local_batch: dict) -> np.ndarray:
     if jax.process_count() == 1:
         return local
     return np.asarray(multihost_utils.process_allgather(local)).reshape(-1, len(CAUSES)).sum(0)
+
+
+def batch_digest(local_ids) -> int:
+    """A digest of the records of a global batch, the same however they are split over processes: the sum of the
+    crc32 of every record id (all processes), mod 2**32. Two runs read the same pairs at a step iff (almost surely)
+    their digests agree."""
+    local = np.int64(sum(zlib.crc32(str(i).encode()) for i in np.asarray(local_ids).reshape(-1)))
+    if jax.process_count() > 1:
+        local = np.asarray(multihost_utils.process_allgather(local)).sum()
+    return int(local % 2 ** 32)
 
 
 def check_bad_fraction(read: int, replaced: int, max_fraction: float) -> None:
@@ -224,6 +237,10 @@ def make_dataset(config: ml_collections.ConfigDict, *, seed: int, batch_size: in
     if not templates:
         raise ValueError("config.templates is empty")
     paths = [config.paths] if isinstance(config.paths, str) else list(config.paths)
+    remote = any(storage.is_remote(p) for p in paths)
+    if config.stage_dir:
+        paths = [records.stage(p, config.stage_dir) for p in paths]
+    threads = config.read_threads if config.read_threads > 0 else (16 if remote and not config.stage_dir else 4)
     if tokenizer is None:
         from varedit_jax.text import TextTokenizer
         tokenizer = TextTokenizer(config.spiece_model)
@@ -237,13 +254,32 @@ def make_dataset(config: ml_collections.ConfigDict, *, seed: int, batch_size: in
     if config.num_epochs is not None:  # equal lengths on every process, so all run the same number of steps
         order = order[:len(order) // process_count * process_count]
     ds = order[process_index::process_count].map_with_index(load)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
-                                              prefetch_buffer_size=config.prefetch_buffer_size))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=config.prefetch_buffer_size))
     if config.num_workers > 0:
         _ensure_absl_flags_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers,
                                                          per_worker_buffer_size=config.worker_buffer_size))
     return ds.batch(local_batch, drop_remainder=True)
+
+
+def resplit_state(states: dict[int, dict], process_count: int, config: ml_collections.ConfigDict) -> dict:
+    """The iterator state that continues, on each of `process_count` processes, where a run of `len(states)`
+    processes stopped (their saved states by process index). Process p of n reads the global order's elements p,
+    p + n, ...; all processes read the same number k of them, so k * n elements were read in all, and each new
+    process starts at local index k * n / process_count: no pair is repeated or lost. Needs `num_workers` 0 (a plain
+    `next_index` state) and `num_epochs` None (a finite order is cut to a multiple of the process count)."""
+    old = len(states)
+    if config.num_workers > 0 or config.num_epochs is not None or any("next_index" not in s for s in states.values()):
+        raise ValueError(f"the checkpoint was written by {old} processes and this run has {process_count}: "
+                         f"re-splitting the data position needs data.num_workers=0 and data.num_epochs=None; resume "
+                         f"with {old} processes")
+    counts = {int(s["next_index"]) for s in states.values()}
+    if len(counts) != 1:
+        raise ValueError(f"the {old} processes that wrote the checkpoint stopped at different data positions {counts}")
+    total = counts.pop() * old
+    if total % process_count:
+        raise ValueError(f"{total} elements read by {old} processes cannot be split over {process_count}")
+    return {"next_index": total // process_count}
 
 
 def global_batch(local_batch: dict, sharding: jax.sharding.Sharding) -> dict:

@@ -29,11 +29,12 @@ import time
 
 import jax
 import numpy as np
-from PIL import Image
+from etils import epath
 
-from varedit_jax import checkpoint, configlib, editor, images, sampler, schedules, state_dicts, text
+from varedit_jax import checkpoint, configlib, editor, images, sampler, schedules, state_dicts, storage, text
 
-_ERRORS = (ValueError, FileNotFoundError, ImportError, state_dicts.StateDictMismatch, RuntimeError, FloatingPointError)
+_ERRORS = (ValueError, FileNotFoundError, ImportError, state_dicts.StateDictMismatch, RuntimeError, FloatingPointError,
+           storage.StorageError)
 
 
 def _floats(value: str) -> float | list[float]:
@@ -119,9 +120,8 @@ def _editor(args) -> editor.Editor:
     return edit
 
 
-def _save(image: np.ndarray, path: pathlib.Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image).save(path)
+def _save(image: np.ndarray, path) -> None:
+    storage.write_bytes(path, images.png_bytes(image))
 
 
 def run_single(args, turns: list[str]) -> None:
@@ -131,7 +131,7 @@ def run_single(args, turns: list[str]) -> None:
     edit = _editor(args)
     t0 = time.perf_counter()
     outs = edit.edit_turns([image], [[t] for t in turns], negative=args.negative, **_options(args))
-    out = pathlib.Path(args.out)
+    out = storage.path(args.out)
     for t, turn in enumerate(outs):
         path = out if t == len(outs) - 1 else out.with_name(f"{out.stem}.turn{t}{out.suffix}")
         _save(turn[0], path)
@@ -139,7 +139,7 @@ def run_single(args, turns: list[str]) -> None:
     print(f"edited in {time.perf_counter() - t0:.2f} s (compile included)")
 
 
-def read_rows(path: pathlib.Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
+def read_rows(path: epath.Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
     """(good rows (line index, {image, instruction, out, negative}), bad rows (line index, reason)) of a JSONL;
     images are checked later (when read)."""
     if not path.is_file():
@@ -174,7 +174,7 @@ def read_rows(path: pathlib.Path) -> tuple[list[tuple[int, dict]], list[tuple[in
 
 
 def run_batch(args) -> int:
-    path = pathlib.Path(args.batch)
+    path = storage.path(args.batch)
     rows, bad = read_rows(path)
     edit = _editor(args) if rows else None
     t0, done = time.perf_counter(), 0

@@ -14,10 +14,11 @@ Masks are (H, W) (or (B, H, W)) with 1 / True = edited pixel.
 """
 import hashlib
 import io
-import os
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from varedit_jax import storage
 
 _TOLERANCE = 1e-3
 
@@ -101,11 +102,11 @@ def decode(data: bytes) -> np.ndarray:
 
 
 def read(path) -> np.ndarray:
-    """An image file -> uint8 (H, W, 3) RGB; raises FileNotFoundError / ValueError."""
-    if not os.path.isfile(path):
+    """An image file (local or gs://) -> uint8 (H, W, 3) RGB; raises FileNotFoundError / ValueError."""
+    path = storage.path(path)
+    if not path.is_file():
         raise FileNotFoundError(f"no image at {path}")
-    with open(path, "rb") as f:
-        data = f.read()
+    data = path.read_bytes()
     try:
         return decode(data)
     except ValueError as e:

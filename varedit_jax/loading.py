@@ -17,22 +17,22 @@ This is the only module besides the `convert` CLI that imports `varedit_jax.conv
 / ValueError (`state_dicts.StateDictMismatch`) naming the path and the reason.
 """
 import functools
-import pathlib
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from etils import epath
 from flax import nnx
 
-from varedit_jax import checkpoint, configlib, image_tokenizer, text, transformer
+from varedit_jax import checkpoint, configlib, image_tokenizer, storage, text, transformer
 from varedit_jax.convert import family
 
 TRANSFORMER_KINDS = ("infinity", "varedit")
 
 
-def is_weights(path: pathlib.Path) -> bool:
+def is_weights(path: epath.Path) -> bool:
     """Official weights (a file, or a folder of safetensors) rather than an orbax checkpoint."""
     return path.is_file() or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
 
@@ -41,11 +41,12 @@ def load_params(path, kinds: tuple[str, ...], what: str, config: ml_collections.
                 ) -> tuple[ml_collections.ConfigDict, dict]:
     """(stored config, params) of official weights (imported as kinds[0], checked against `config`) or of a
     checkpoint whose kind is one of `kinds`."""
-    path = pathlib.Path(path).expanduser()
+    path = storage.path(path)
     if not path.exists():
         raise FileNotFoundError(f"no {what} weights or checkpoint at {path}")
     if is_weights(path):
-        return family(kinds[0]).import_weights(path, config, kind=kinds[0])
+        with storage.local_copy(path) as local:  # gs://: a temporary download
+            return family(kinds[0]).import_weights(local, config, kind=kinds[0])
     config, params = checkpoint.load_params(path)
     if config.get("kind") not in kinds:
         raise ValueError(f"{path} holds a {config.get('kind')!r} checkpoint, not one of {what} kind {kinds}")

@@ -19,6 +19,8 @@ import numpy as np
 import tqdm
 from tensorboardX import SummaryWriter
 
+from varedit_jax import storage
+
 # Dense bf16 peak FLOP/s per JAX device (one chip; v4 / v5p devices are megacore chips).
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5": 459e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
               "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
@@ -65,17 +67,26 @@ def compiled_flops(compiled) -> float | None:
 
 
 class Writer:
-    """Metric sinks of one run. Only process 0 writes; `write` takes host floats."""
+    """Metric sinks of one run. Only process 0 writes; `write` takes host floats.
 
-    def __init__(self, workdir: pathlib.Path, total_steps: int, first_step: int, *, enabled: bool = True):
+    The files are written through a `storage.Mirror` of the workdir: in place for a local workdir; on gs:// in a
+    local folder uploaded by `push()` (the trainer pushes after every checkpoint save, and `write` every
+    `push_every_s` seconds; `close` pushes last), since GCS objects cannot be appended to."""
+
+    def __init__(self, workdir, total_steps: int, first_step: int, *, enabled: bool = True,
+                 push_every_s: float = 60.0):
         self.enabled = enabled
-        self.workdir = workdir
+        self.push_every_s, self._pushed_at = push_every_s, time.monotonic()
         if enabled:
-            dropped = _truncate_after(workdir / "metrics.jsonl", first_step) if first_step else 0
-            self.jsonl = open(workdir / "metrics.jsonl", "a")
+            self.files = storage.Mirror(workdir)
+            local = self.files.local
+            if first_step:
+                self.files.pull("metrics.jsonl")
+            dropped = _truncate_after(local / "metrics.jsonl", first_step) if first_step else 0
+            self.jsonl = open(local / "metrics.jsonl", "a")
             if first_step:  # a resumed run: mark the restart (the rows after its checkpoint were dropped)
                 self.jsonl.write(json.dumps({"step": first_step, "split": "restart", "dropped_rows": dropped}) + "\n")
-            self.tb = SummaryWriter(str(workdir / "tb"), purge_step=first_step or None)
+            self.tb = SummaryWriter(str(local / "tb"), purge_step=first_step or None)
             self.bar = tqdm.tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True,
                                  mininterval=2.0)
 
@@ -88,12 +99,22 @@ class Writer:
         for k, v in row.items():
             if k not in ("step", "split") and isinstance(v, (int, float)):
                 self.tb.add_scalar(f"{split}/{k}", v, step)
+        if time.monotonic() - self._pushed_at > self.push_every_s:
+            self.push()
         if split == "train":
             self.bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}",
                                  acc=f"{row.get('bit_accuracy', float('nan')):.3f}", refresh=False)
         else:
             self.bar.write(f"step {step} {split}: " + " ".join(f"{k} {v:.4g}" for k, v in row.items()
                                                                 if isinstance(v, float)))
+
+    def push(self) -> None:
+        """Publishes the files written so far (a no-op for a local workdir)."""
+        if self.enabled:
+            self.jsonl.flush()
+            self.tb.flush()
+            self.files.push()
+            self._pushed_at = time.monotonic()
 
     def advance(self, n: int = 1) -> None:
         if self.enabled:
@@ -108,6 +129,7 @@ class Writer:
             self.bar.close()
             self.tb.close()
             self.jsonl.close()
+            self.files.push()
 
 
 def _truncate_after(path: pathlib.Path, step: int) -> int:

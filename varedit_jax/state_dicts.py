@@ -17,6 +17,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from varedit_jax import storage
 from varedit_jax.params import get_path
 
 StateDict = dict[str, np.ndarray]
@@ -181,7 +182,12 @@ def fetch_param(params, path: Sequence) -> np.ndarray:
 
 
 def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> pathlib.Path:
-    """Writes a flat state dict as .safetensors or (torch extra) .pth, atomically: a failure leaves no file."""
+    """Writes a flat state dict as .safetensors or (torch extra) .pth, atomically: a failure leaves no file (on
+    gs://: written locally, then uploaded)."""
+    if storage.is_remote(path):
+        with storage.staged(path) as local:
+            write_state_dict(local, state_dict)
+        return path
     path = pathlib.Path(path).expanduser()
     if path.suffix not in (".safetensors",) + TORCH_SUFFIXES:
         raise ValueError(f"{path}: output must end in .safetensors or .pth")

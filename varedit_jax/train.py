@@ -14,18 +14,20 @@ Workdir:
                        process), config (`checkpoint.TrainCheckpoints`) - `edit`, `convert export` and `ablate` take
                        the workdir, the checkpoints dir or a step dir.
   metrics.jsonl, tb/   see `varedit_jax.metrics`;   samples/step_<n>.png   sample edits of held-out pairs
-Preemption: SIGTERM (and SIGINT) finish the current step, save a checkpoint and return.
+Preemption: SIGTERM (and SIGINT) finish the current step, save a checkpoint and return (under jax.distributed through
+JAX's preemption service: every process stops at the same step, `distributed.Preemption`). A hung step ends the
+process with exit code 75 after logging every thread's stack (`watchdog`). The workdir may be on gs://
+(`varedit_jax.storage`; metrics and TensorBoard files are uploaded at every checkpoint and at exit).
 """
 import dataclasses
 import functools
 import itertools
 import json
 import math
-import pathlib
+import os
 import statistics
 import sys
 import time
-import zlib
 from typing import Any
 
 import jax
@@ -34,13 +36,15 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags, logging
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from data_pipelines import records
 from varedit_jax import (assets, checkpoint, configlib, data, distributed, editor, images, loading, metrics, optim,
-                         run_lock, schedules, sharding, text, topology, train_config, transformer)
+                         run_lock, schedules, sharding, storage, text, topology, train_config, transformer,
+                         watchdog)
 from varedit_jax.eval import report
 from varedit_jax.train_step import Frozen, TrainState, eval_step, sequence_layout, train_step
 
@@ -107,7 +111,11 @@ class Trainer:
         found = checkpoints.restore_latest(abstract.params, abstract.rest(), iterator)
         if found is None:
             return None
-        step, params, rest = found
+        step, params, rest, data_states = found
+        if data_states is not None:  # written by another number of processes
+            iterator.set_state(data.resplit_state(data_states, jax.process_count(), self.config.data))
+            print(f"step {step} was written by {len(data_states)} processes; the data position is re-split over "
+                  f"{jax.process_count()}", flush=True)
         return TrainState(step=sharding.place(np.int32(step), abstract.step.sharding), params=params, **rest)
 
     def check_sharding(self, state: TrainState) -> None:
@@ -171,11 +179,29 @@ def host_batch(local: dict, text_cache: text.FeatureCache | None) -> tuple[dict,
     return out, local["id"]
 
 
+class Profile:
+    """The jax.profiler window of `config.profile`: traces under WORKDIR/profile (on gs:// traced locally and
+    uploaded when the window ends)."""
+
+    def __init__(self, window: ml_collections.ConfigDict, workdir: epath.Path):
+        self.window = window
+        self.dir = storage.Mirror(workdir / "profile") if window.start_step >= 0 else None
+
+    def before(self, step: int) -> None:
+        if self.dir is not None and step == self.window.start_step:
+            jax.profiler.start_trace(str(self.dir.local))
+
+    def after(self, step: int) -> None:
+        if self.dir is not None and step == self.window.start_step + self.window.num_steps:
+            jax.profiler.stop_trace()
+            self.dir.push()
+
+
 @dataclasses.dataclass
 class Run:
     """One training call: the trainer, its frozen models and data, the checkpoints and metric sinks."""
     config: ml_collections.ConfigDict
-    workdir: pathlib.Path
+    workdir: epath.Path
     trainer: Trainer
     frozen_states: tuple
     models: tuple                          # (image tokenizer, text encoder, text tokenizer) on the host
@@ -184,6 +210,8 @@ class Run:
     checkpoints: checkpoint.TrainCheckpoints
     writer: metrics.Writer
     peak_flops: float
+    profile: Profile
+    watchdog: watchdog.Watchdog
     records_read: int = 0                  # in this call, all processes (replaced records included)
     replaced: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(len(data.CAUSES), np.int64))
 
@@ -194,11 +222,13 @@ class Run:
         return host_batch(local, self.text_cache)
 
     def save(self, state: TrainState, *, wait: bool = False) -> None:
+        """Checkpoints the state, then publishes the metrics written so far (gs:// workdirs)."""
         self.checkpoints.save(int(jax.device_get(state.step)), state.params, state.rest(), self.iterator,
                               self.config, wait=wait)
+        self.writer.push()
 
 
-def _open_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[Run, TrainState]:
+def _open_run(config: ml_collections.ConfigDict, workdir: epath.Path) -> tuple[Run, TrainState]:
     """Builds everything a run needs and restores (or initialises) the state."""
     mesh = make_mesh(config)
     image_tok, text_encoder, text_tokenizer = loading.load_frozen(config)
@@ -206,7 +236,7 @@ def _open_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple
     trainer = Trainer(config, mesh, image_tok, text_encoder)
     tok = lambda texts, n: text_tokenizer(list(texts), n)  # noqa: E731
     iterator = iter(data.make_dataset(config.data, seed=config.seed, batch_size=config.batch_size, tokenizer=tok))
-    checkpoints = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints)
+    checkpoints = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints, config.keep_period)
     state = trainer.restore_state(checkpoints, iterator)
     if state is not None:
         print(f"resumed {workdir} at step {int(jax.device_get(state.step))}", flush=True)
@@ -218,7 +248,7 @@ def _open_run(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple
               (image_tok, text_encoder, text_tokenizer),
               text.FeatureCache(text_encoder) if config.text.cache else None, iterator, checkpoints,
               metrics.Writer(workdir, config.total_steps, start, enabled=jax.process_index() == 0),
-              metrics.peak_flops())
+              metrics.peak_flops(), Profile(config.profile, workdir), watchdog.Watchdog(config.watchdog))
     return run, state
 
 
@@ -235,14 +265,15 @@ def _run_step(run: Run, state: TrainState, step: int, compiled: dict) -> tuple[T
             t0 = time.perf_counter()
             compiled[template] = run.trainer.step_fn(template).lower(state, run.frozen_states, batch).compile()
             run.writer.log(f"compiled the step of template {template} in {time.perf_counter() - t0:.1f} s")
-        _profile(config, step, run.workdir)
+            run.watchdog.begin(step + 1)  # a compile is no hang: the step's clock starts now
+        run.profile.before(step)
         t0 = time.perf_counter()
         state, out = compiled[template](state, run.frozen_states, batch)
     out = jax.device_get(out)
     dt = time.perf_counter() - t0
     layout = sequence_layout(config, template)
     row = {k: float(v) for k, v in out.items() if k != "finite"}
-    row.update(finite=bool(out["finite"]), step_time_s=dt, data_digest=zlib.crc32("\n".join(map(str, ids)).encode()),
+    row.update(finite=bool(out["finite"]), step_time_s=dt, data_digest=data.batch_digest(ids),
                tokens_per_s_per_device=config.batch_size * layout.length / dt / jax.device_count(),
                **{"data/replaced": int(replaced.sum())},
                **{f"data/replaced_{cause}": int(n) for cause, n in zip(data.CAUSES, replaced)})
@@ -277,24 +308,28 @@ def _after_step(run: Run, state: TrainState, step: int, row: dict) -> None:
         sample_grid(run, state.params, run.workdir / "samples" / f"step_{step}.png")
     if step % config.checkpoint_every == 0 or step == config.total_steps:
         run.save(state)
-    _profile(config, step, run.workdir, stop=True)
+    run.profile.after(step)
 
 
 def train(config: ml_collections.ConfigDict, workdir) -> dict:
     """Trains to `config.total_steps`, resuming from the newest checkpoint in `workdir`; returns a summary:
     {"step", "final_loss", "step_time_s" (median, compile excluded), "tokens_per_s_per_device", "mfu", "workdir",
     "checkpoint", "skipped"}."""
-    workdir = pathlib.Path(workdir).expanduser().resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = storage.path(workdir)
     train_config.validate(config)
+    for bucket_path in {storage.bucket_of(p): p for p in train_config.paths(config) + [workdir]
+                        if storage.is_remote(p)}.values():
+        storage.check_reachable(bucket_path)
+    storage.makedirs(workdir)
     config = assets.resolve(config)  # under jax.distributed, `main` has built them already (assets.build_in_child)
     if config.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir", str(assets.cache_dir() / "xla"))
+        jax.config.update("jax_compilation_cache_dir",
+                          os.fspath(storage.path(config.compilation_cache_dir or assets.cache_dir() / "xla")))
     with run_lock.hold(workdir):
         return _train(config, workdir)
 
 
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
     run, state = _open_run(config, workdir)
     start = step = int(jax.device_get(state.step))
     if jax.process_index() == 0:
@@ -303,15 +338,19 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
               f"global batch {config.batch_size}, steps {start}..{config.total_steps}, workdir {workdir}", flush=True)
     rows, compiled = [], {}
     try:
-        with distributed.Preemption() as preempt:
+        with distributed.Preemption() as preempt, run.watchdog:
             while step < config.total_steps:
+                run.watchdog.begin(step + 1)
                 state, row = _run_step(run, state, step, compiled)
                 step += 1
+                run.watchdog.end(step)
                 run.writer.advance()
                 rows.append(row)
                 _after_step(run, state, step, row)
-                if preempt.requested:
-                    run.save(state, wait=True)
+                if preempt.reached(step):
+                    if run.checkpoints.latest_step() != step:
+                        run.save(state, wait=True)
+                    run.checkpoints.wait()
                     run.writer.log(f"preempted: checkpoint saved at step {step}; re-run the same command to resume")
                     break
             run.checkpoints.wait()
@@ -339,19 +378,9 @@ def _summary(run: Run, state: TrainState, step: int, rows: list[dict]) -> dict:
                "mfu": median("mfu"), "checkpoint": str(run.workdir / "checkpoints" / str(step)),
                "records_read": run.records_read, "data_replaced": dict(zip(data.CAUSES, run.replaced.tolist()))}
     if jax.process_index() == 0:
-        stored.write_text(json.dumps(summary, indent=1) + "\n")
+        storage.write_text(stored, json.dumps(summary, indent=1) + "\n")
         print(json.dumps(summary), flush=True)
     return summary
-
-
-def _profile(config, step: int, workdir: pathlib.Path, stop: bool = False) -> None:
-    p = config.profile
-    if p.start_step < 0:
-        return
-    if not stop and step == p.start_step:
-        jax.profiler.start_trace(str(workdir / "profile"))
-    if stop and step == p.start_step + p.num_steps:
-        jax.profiler.stop_trace()
 
 
 def evaluate(run: Run, params) -> dict:
@@ -371,7 +400,7 @@ def evaluate(run: Run, params) -> dict:
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
-def sample_grid(run: Run, params, path: pathlib.Path) -> pathlib.Path:
+def sample_grid(run: Run, params, path: epath.Path) -> epath.Path:
     """Edits the first `sample_count` held-out pairs with the current params; writes source | instruction | output |
     target rows to `path`. Collective: every process edits (the sampler spans all devices), process 0 writes."""
     config = run.config
@@ -398,7 +427,7 @@ def main(argv, config: ml_collections.ConfigDict | None, workdir: str | None, **
     try:
         distributed.init_distributed(config, **options)
         train(config, workdir)
-    except (ValueError, FileNotFoundError, KeyError, run_lock.WorkdirLocked) as e:
+    except (ValueError, FileNotFoundError, KeyError, run_lock.WorkdirLocked, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FloatingPointError, data.TooMuchBadData) as e:

@@ -18,7 +18,7 @@ import pathlib
 import ml_collections
 
 from varedit_jax import conditioning as conditioning_lib
-from varedit_jax import data, optim, sharding
+from varedit_jax import data, optim, sharding, watchdog
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -46,8 +46,10 @@ def default_config(model: ml_collections.ConfigDict, *, conditioning: str | None
     c.grad_accum = 1                     # micro-batches per step (batch_size must divide by it)
     c.checkpoint_every = 500
     c.keep_checkpoints = 3
+    c.keep_period = 0                    # also keep every keep_period-th step (milestones; 0: none)
     c.init_checkpoint = ""               # Infinity / VAREdit weights or checkpoint to start from (stage 1 / stage 2)
     c.max_nonfinite_steps = 20
+    c.watchdog = watchdog.default_config()  # a step > factor x the median (after warm-up) is a hang: exit 75
     c.log_every = 10
     c.eval_every = 0                     # validation loss every N steps (0: only at the end; -1: never)
     c.eval_batches = 2
@@ -55,6 +57,7 @@ def default_config(model: ml_collections.ConfigDict, *, conditioning: str | None
     c.sample_count = 8
     c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=3))  # jax.profiler window (-1: off)
     c.compilation_cache = True
+    c.compilation_cache_dir = ""         # JAX's persistent compilation cache, local or gs:// ("": $VAREDIT_CACHE/xla)
     c.image_tokenizer = ml_collections.ConfigDict(dict(path="",
                                                        config=str(REPO / "configs/image_tokenizer_d32.py")))
     c.text = ml_collections.ConfigDict(dict(path="", config=str(REPO / "configs/flan_t5_xl.py"), max_len=512,
@@ -72,14 +75,22 @@ def default_config(model: ml_collections.ConfigDict, *, conditioning: str | None
     return c
 
 
+def paths(config: ml_collections.ConfigDict) -> list[str]:
+    """Every storage location a config names (weights, checkpoints, datasets, caches), local or gs://."""
+    named = [config.image_tokenizer.path, config.text.path, config.init_checkpoint, config.compilation_cache_dir,
+             *config.data.paths, *config.eval_data.paths]
+    return [str(p) for p in named if p]
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError for inconsistent settings (before anything is built)."""
     if config.conditioning not in conditioning_lib.MODES:
         raise ValueError(f"conditioning must be one of {conditioning_lib.MODES}, got {config.conditioning!r}")
     if (config.kind == "varedit") == (config.conditioning == "none"):
         raise ValueError(f"kind {config.kind!r} does not go with conditioning {config.conditioning!r}")
-    if config.total_steps < 0 or config.checkpoint_every <= 0 or config.keep_checkpoints <= 0:
-        raise ValueError("total_steps >= 0, checkpoint_every > 0 and keep_checkpoints > 0 are required")
+    if config.total_steps < 0 or config.checkpoint_every <= 0 or config.keep_checkpoints <= 0 or config.keep_period < 0:
+        raise ValueError("total_steps >= 0, checkpoint_every > 0, keep_checkpoints > 0 and keep_period >= 0 are "
+                         "required")
     if config.batch_size <= 0 or config.batch_size % config.grad_accum:
         raise ValueError(f"batch_size {config.batch_size} must be a positive multiple of grad_accum "
                          f"{config.grad_accum}")

@@ -11,16 +11,13 @@ A mismatched source is refused with the named keys and nothing is written.
 """
 import argparse
 import os
-import pathlib
-import shutil
 import sys
 
 import jax
 import ml_dtypes
 import numpy as np
 
-from varedit_jax import checkpoint
-from varedit_jax import state_dicts
+from varedit_jax import checkpoint, state_dicts, storage
 from varedit_jax.convert import KINDS, family
 
 
@@ -31,18 +28,19 @@ def _cast(state_dict: dict, dtype: str) -> dict:
             for k, v in state_dict.items()}
 
 
-def _save_replacing(out: pathlib.Path, params, config, *, overwrite: bool) -> pathlib.Path:
-    """Writes the checkpoint beside `out`, then swaps it in (the old one stays whole until the new one is complete)."""
-    out = out.expanduser().resolve()
+def _save_replacing(out, params, config, *, overwrite: bool):
+    """Writes the checkpoint beside `out`, then swaps it in (the old one stays whole until the new one is complete;
+    on gs:// the swap copies object by object)."""
+    out = storage.path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise ValueError(f"--out {out} is not empty (pass --overwrite to replace it)")
     tmp, old = out.with_name(f".{out.name}.tmp-{os.getpid()}"), out.with_name(f".{out.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    storage.remove_tree(tmp)
     step_dir = checkpoint.save_params(tmp, params, config)
     if out.exists():
         out.rename(old)
     tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    storage.remove_tree(old)
     return out / step_dir.name
 
 
@@ -63,11 +61,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     try:
+        for location in (args.src, args.out) if args.command == "import" else (args.checkpoint, args.out):
+            storage.check_reachable(location)
         if args.command == "import":
             fam = family(args.kind)
             given = fam.config_from_file(args.config, kind=args.kind) if args.config else None
-            config, params = fam.import_weights(args.src, given, kind=args.kind)
-            path = _save_replacing(pathlib.Path(args.out), params, config, overwrite=args.overwrite)
+            with storage.local_copy(args.src) as src:  # gs://: a temporary download
+                config, params = fam.import_weights(src, given, kind=args.kind)
+            path = _save_replacing(args.out, params, config, overwrite=args.overwrite)
             n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
             print(f"imported {args.kind} ({n:,} parameters) from {args.src} -> {path}")
         else:
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
             state_dict = _cast(family(config.kind).export_weights(config, params), args.dtype)
             path = state_dicts.write_state_dict(args.out, state_dict)
             print(f"exported {config.kind} ({len(state_dict)} tensors, {args.dtype}) -> {path}")
-    except (state_dicts.StateDictMismatch, FileNotFoundError, ValueError, KeyError, ImportError) as e:
+    except (state_dicts.StateDictMismatch, FileNotFoundError, ValueError, KeyError, ImportError,
+            storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

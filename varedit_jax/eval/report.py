@@ -8,15 +8,17 @@ width), column titles on top; every image is resized to `cell` x `cell` (nearest
 so pixels stay visible; LANCZOS for downscaling).
 """
 import csv
+import io
 import json
 import math
-import pathlib
 from typing import Any, Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 from varedit_jax import images as imgs
+from varedit_jax import storage
 
 PAD = 6
 FONT_SIZE = 13
@@ -69,20 +71,21 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, d
 
 
 def write_table(rows: Sequence[dict], out_dir, name: str = "results", *, columns: Sequence[str] | None = None,
-                title: str | None = None, digits: int = 3) -> dict[str, pathlib.Path]:
-    """Writes OUT_DIR/NAME.md (optional "# title" heading), NAME.csv and NAME.json; returns {"md", "csv", "json"}."""
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+                title: str | None = None, digits: int = 3) -> dict[str, epath.Path]:
+    """Writes OUT_DIR/NAME.md (optional "# title" heading), NAME.csv and NAME.json (local or gs://); returns
+    {"md", "csv", "json"}."""
+    out_dir = storage.path(out_dir)
     cols = _columns(rows, columns)
     paths = {ext: out_dir / f"{name}.{ext}" for ext in ("md", "csv", "json")}
     heading = f"# {title}\n\n" if title else ""
-    paths["md"].write_text(heading + markdown_table(rows, cols, digits), encoding="utf-8")
-    with open(paths["csv"], "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(cols)
-        writer.writerows([[format_cell(row.get(c), digits) for c in cols] for row in rows])
-    paths["json"].write_text(json.dumps(dict(title=title, columns=cols, rows=[_plain(dict(r)) for r in rows]),
-                                        indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    storage.write_text(paths["md"], heading + markdown_table(rows, cols, digits))
+    buf = io.StringIO(newline="")
+    writer = csv.writer(buf)
+    writer.writerow(cols)
+    writer.writerows([[format_cell(row.get(c), digits) for c in cols] for row in rows])
+    storage.write_text(paths["csv"], buf.getvalue())
+    storage.write_text(paths["json"], json.dumps(dict(title=title, columns=cols, rows=[_plain(dict(r)) for r in rows]),
+                                                 indent=1, allow_nan=False) + "\n")
     return paths
 
 
@@ -154,9 +157,10 @@ def image_grid(sources: Sequence, instructions: Sequence[str], outputs: Sequence
 
 
 def save_grid(path, sources: Sequence, instructions: Sequence[str], outputs: Sequence, *,
-              targets: Sequence | None = None, cell: int = 192, title: str | None = None) -> pathlib.Path:
-    """`image_grid` written as a PNG to `path`."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(sources, instructions, outputs, targets=targets, cell=cell, title=title).save(path)
+              targets: Sequence | None = None, cell: int = 192, title: str | None = None) -> epath.Path:
+    """`image_grid` written as a PNG to `path` (local or gs://)."""
+    path = storage.path(path)
+    buf = io.BytesIO()
+    image_grid(sources, instructions, outputs, targets=targets, cell=cell, title=title).save(buf, format="PNG")
+    storage.write_bytes(path, buf.getvalue())
     return path

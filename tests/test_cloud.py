@@ -1,0 +1,104 @@
+"""gs:// everywhere, against the session's GCS emulator on 127.0.0.1 (tests/conftest.py `gcs`): storage paths and
+mirrors, a dataset built to and trained from gs://, a gs:// workdir killed with -9 and resumed, `convert export` and
+`describe` of gs:// locations, and an unreachable endpoint that fails fast with one line."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+from helpers import REPO_ROOT, data_digests, final_params, small_flags, train_subprocess
+from varedit_jax import storage
+from varedit_jax.convert.__main__ import main as convert
+from varedit_jax.eval import report
+from data_pipelines import build, describe
+
+
+def _blob_exists(url: str) -> bool:
+    """Asked of the server directly (gcsfs caches listings)."""
+    from google.cloud import storage as gcs
+    bucket, name = url[len("gs://"):].split("/", 1)
+    return gcs.Client().bucket(bucket).blob(name).exists()
+
+
+def test_paths_files_and_mirrors(gcs, tmp_path):
+    root = storage.path(f"{gcs}/paths")
+    assert storage.is_remote(root) and str(root / "a") == f"{gcs}/paths/a"
+    assert storage.path("~/x") == storage.path(os.path.expanduser("~/x"))
+    storage.write_text(root / "d" / "t.txt", "hello")
+    assert (root / "d" / "t.txt").read_text() == "hello"
+    with storage.staged(root / "up.bin") as local:
+        local.write_bytes(b"\x00\x01")
+    with storage.local_copy(root / "up.bin") as local:
+        assert local.read_bytes() == b"\x00\x01"
+    mirror = storage.Mirror(root / "run")
+    (mirror.local / "m.jsonl").write_text("1\n")
+    assert mirror.push() == 1 and mirror.push() == 0  # only what changed is uploaded
+    with open(mirror.local / "m.jsonl", "a") as f:
+        f.write("2\n")
+    assert mirror.push() == 1 and (root / "run" / "m.jsonl").read_text() == "1\n2\n"
+    again = storage.Mirror(root / "run")
+    again.pull("m.jsonl")
+    assert (again.local / "m.jsonl").read_text() == "1\n2\n"
+    paths = report.write_table([{"a": 1.0}], root / "tables", "t")
+    assert paths["md"].read_text().startswith("| a |") and storage.Mirror(tmp_path).local == tmp_path
+
+
+def _straight_and_killed(gcs, tmp_path, data_dir):
+    flags = small_flags(total_steps=6, checkpoint_every=2, **{"data.paths": f"('{data_dir}',)"})
+    straight = train_subprocess([f"--workdir={gcs}/straight", *flags])
+    killed = train_subprocess([f"--workdir={gcs}/killed", *flags])
+    deadline = time.time() + 600
+    while not _blob_exists(f"{gcs}/killed/checkpoints/2/commit_success.txt") and killed.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(60)
+    assert killed.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert straight.wait(600) == 0, straight.stdout.read()
+    resumed = train_subprocess([f"--workdir={gcs}/killed", *flags])
+    out = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0 and "resumed" in out, out
+
+
+@pytest.mark.slow
+def test_a_gs_dataset_and_workdir_killed_and_resumed_equal_a_straight_run(gcs, tmp_path, capsys):
+    data_dir = f"{gcs}/data/toy"
+    assert build.main(["--format", "toy", "--num", "48", "--out", data_dir, "--shard-size", "20"]) == 0
+    assert describe.main([data_dir, "--n", "2", "--grid", f"{gcs}/data/grid.png"]) == 0
+    assert "48 records" in capsys.readouterr().out and _blob_exists(f"{gcs}/data/grid.png")
+    _straight_and_killed(gcs, tmp_path, data_dir)
+    for a, b in zip(final_params(f"{gcs}/straight"), final_params(f"{gcs}/killed")):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    straight, resumed = data_digests(f"{gcs}/straight"), data_digests(f"{gcs}/killed")
+    assert sorted(resumed) == list(range(1, 7)) and resumed == straight  # each step once, same data order
+    rows = (storage.path(f"{gcs}/killed") / "metrics.jsonl").read_text()
+    assert '"split": "restart"' in rows and _blob_exists(f"{gcs}/killed/summary.json")
+    assert _blob_exists(f"{gcs}/killed/tb/" + next((storage.path(gcs) / "killed" / "tb").iterdir()).name)
+    # convert export from the gs:// checkpoint, to gs:// and to a local file: the same tensors
+    assert convert(["export", "--checkpoint", f"{gcs}/killed", "--out", f"{gcs}/export/m.safetensors"]) == 0
+    assert convert(["export", "--checkpoint", f"{gcs}/straight", "--out", str(tmp_path / "m.safetensors")]) == 0
+    with storage.local_copy(f"{gcs}/export/m.safetensors") as local:
+        remote = safetensors.numpy.load_file(local)
+    here = safetensors.numpy.load_file(tmp_path / "m.safetensors")
+    assert remote.keys() == here.keys()
+    for k in here:
+        np.testing.assert_allclose(remote[k], here[k], atol=1e-6)
+
+
+@pytest.mark.parametrize("command", [
+    ["-m", "varedit_jax.train", "--config", "configs/varedit_tiny.py", "--workdir", "gs://varedit-test/run"],
+    ["-m", "data_pipelines.build", "--format", "toy", "--num", "4", "--out", "gs://varedit-test/toy"],
+])
+def test_an_unreachable_endpoint_fails_fast_with_one_line(command):
+    env = dict(os.environ, **storage.emulator_environment("http://127.0.0.1:9"), JAX_PLATFORMS="cpu")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, *command], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert time.time() - t0 < 30 and proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "cannot reach gs://varedit-test" in errors[0] and "Traceback" not in proc.stderr
