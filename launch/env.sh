@@ -10,6 +10,11 @@ if [ ! -x "$_venv/bin/python" ]; then
   echo "[env] creating $_venv with $_python"
   "$_python" -m venv "$_venv"
 fi
+if ! "$_venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "error: $_venv has Python $("$_venv/bin/python" -c 'import platform; print(platform.python_version())'); jax" \
+       "needs >= 3.11: remove it and set PYTHON=/path/to/python3.11 (TPU workers: launch/worker.sh setup uses uv)" >&2
+  exit 1
+fi
 _stamp="$_venv/.varedit_stamp"
 _want="$(cat "$_root/setup.py" | sha1sum | cut -d' ' -f1) [$_extras]"
 if [ ! -f "$_stamp" ] || ! grep -qxF "$_want" "$_stamp"; then

@@ -17,10 +17,14 @@ def _config(**extra):
     return configlib.override(configlib.load(REPO_ROOT / "configs/varedit_tiny.py"), {**SMALL, **extra})
 
 
-def test_the_tiny_step_compiles_for_v5p_8_with_fsdp_and_tensor_sharding():
+def test_the_tiny_step_compiles_for_two_v5p_8_slices_with_fsdp_and_tensor_sharding():
+    """The multi-slice topology (2 x v5p-8 over DCN): parameters sharded over fsdp x tensor within a slice (a copy
+    per slice), the batch over dcn x fsdp."""
     pytest.importorskip("libtpu", reason="TPU topologies need libtpu (the tpu extra)")
-    report = plan.plan(_config(**{"mesh.shape": (1, 2, 2)}), "v5p-8")
-    assert report["topology"]["devices"] == 4 and report["config"]["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    config = _config(**{"mesh.shape": (1, 2, 2), "mesh.slices": 2})
+    report = plan.plan(config, "v5p-8")
+    assert report["topology"]["devices"] == 8 and report["topology"]["slices"] == 2
+    assert report["config"]["mesh"] == {"dcn": 2, "data": 1, "fsdp": 2, "tensor": 2}
     b = report["bytes_per_device"]
     full = report["parameters"] * 4  # fp32 master weights
     assert full / 4 <= b["params"] < full / 2  # sharded over fsdp x tensor (a few small vectors replicated)
@@ -28,7 +32,8 @@ def test_the_tiny_step_compiles_for_v5p_8_with_fsdp_and_tensor_sharding():
     assert b["batch"] > 0 and b["xla_temporaries"] > 0 and b["peak"] >= b["xla_arguments"]
     assert report["fits"] and 0 < report["hbm_fraction"] < 0.01
     flops = report["flops_per_step_per_device"]
-    assert flops["compiled"] > 0 and flops["analytic"] > 0
+    assert flops["compiled"] > 0 and flops["analytic"] == pytest.approx(plan.analytic_flops(config, "1.0") / 8)
+    assert plan.summary(report).startswith("2 x v5p-8 (8 devices, mesh {'dcn': 2, 'data': 1, 'fsdp': 2, 'tensor': 2})")
     json.dumps(report)  # the --json output is plain JSON
 
 
@@ -53,6 +58,10 @@ def test_cli_reports_and_refuses_bad_input(tmp_path):
                           "--topology", "v5p-8", "--template", "7.5"], cwd=REPO_ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "error" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "varedit_jax.plan", "--config", "configs/varedit_tiny.py",
+                          "--topology", "v5p-8", "--slices", "0"], cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "slices must be >= 1, got 0" in bad.stderr
 
 
 def test_a_step_that_cannot_fit_is_reported_not_raised():

@@ -268,7 +268,7 @@ def test_tensor_sharded_encoder_matches(toy_dir):
     _, encoder, tok = loading.load_text_encoder(toy_dir[0])
     ids, mask = tok(toy_dir[1][:4], 16)
     ref = np.asarray(text.encode(encoder, ids, mask)[0])
-    mesh = jax.make_mesh((2, 1, 4), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    mesh = jax.make_mesh((1, 2, 1, 4), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 4)
     graphdef, state = nnx.split(encoder)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(sharding.DEFAULT_RULES):
         state = jax.device_put(state, nnx.get_named_sharding(state, mesh))

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from varedit_jax import topology
+from varedit_jax import sharding, topology
 
 
 @pytest.mark.parametrize("name,topology_name,chips,hbm_gib", [
@@ -38,10 +38,11 @@ def test_topology_devices(libtpu, name, kind):
 
 def test_make_mesh(libtpu):
     mesh = topology.make_mesh("v5p-128", fsdp=-1, tensor=4)
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 16, "tensor": 4}
-    assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 3
+    assert dict(mesh.shape) == {"dcn": 1, "data": 1, "fsdp": 16, "tensor": 4}
+    assert mesh.axis_types == (jax.sharding.AxisType.Auto,) * 4
     assert len(set(mesh.devices.flat)) == 64
-    assert dict(topology.make_mesh("v4-32", data=2, fsdp=2, tensor=-1).shape) == {"data": 2, "fsdp": 2, "tensor": 4}
+    assert dict(topology.make_mesh("v4-32", data=2, fsdp=2, tensor=-1).shape) == {"dcn": 1, "data": 2, "fsdp": 2,
+                                                                                  "tensor": 4}
     with pytest.raises(ValueError, match="do not divide"):
         topology.make_mesh("v5p-8", data=3)
     with pytest.raises(ValueError, match="need 8 devices"):
@@ -49,7 +50,7 @@ def test_make_mesh(libtpu):
     with pytest.raises(ValueError, match="at most one -1"):
         topology.make_mesh("v5p-8", fsdp=-1, tensor=-1)
     cpu = topology.make_mesh(jax.devices()[:8], data=2, fsdp=-1, tensor=2)  # explicit devices work too
-    assert dict(cpu.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(cpu.shape) == {"dcn": 1, "data": 2, "fsdp": 2, "tensor": 2}
 
 
 def test_aot_compile_on_multihost_slice(libtpu):
@@ -59,3 +60,32 @@ def test_aot_compile_on_multihost_slice(libtpu):
     w = jax.ShapeDtypeStruct((1024, 2048), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "tensor")))
     compiled = jax.jit(lambda x, w: x @ w).lower(x, w).compile()
     assert compiled.memory_analysis().output_size_in_bytes == 64 // 16 * 2048 // 4 * 2
+
+
+def test_a_multi_slice_mesh_puts_dcn_over_the_slices(libtpu):
+    """Two v5p-8 slices as one topology: the devices carry slice_index; "dcn" separates the slices (the hybrid mesh),
+    data / fsdp / tensor lie within one. A mesh that miscounts the slices is refused."""
+    devices = topology.topology_devices("v5p-8", 2)
+    mesh = topology.make_mesh("v5p-8", fsdp=-1, slices=2)
+    assert dict(mesh.shape) == {"dcn": 2, "data": 1, "fsdp": 4, "tensor": 1}
+    assert [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)] == [{0}, {1}]
+    assert set(mesh.devices.flat) == set(devices)
+    with pytest.raises(ValueError, match="span 2 slice"):
+        topology.make_mesh(devices, fsdp=-1)
+    with pytest.raises(ValueError, match="slices must be >= 1"):
+        topology.topology_devices("v5p-8", 0)
+
+
+def test_simulated_slices_are_consecutive_device_groups():
+    """CPU devices have no slice_index: slices = consecutive groups of the given devices (each a slice's ICI grid)."""
+    devices = jax.devices()[:8]
+    mesh = topology.make_mesh(devices, data=1, fsdp=-1, tensor=2, slices=2)
+    assert dict(mesh.shape) == {"dcn": 2, "data": 1, "fsdp": 2, "tensor": 2}
+    assert [sorted(d.id for d in mesh.devices[i].flat) for i in range(2)] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert sharding.batch_axes(mesh, 8) == ("dcn", "data", "fsdp")  # the batch splits over the slices too
+    no_dcn = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    assert sharding.batch_axes(no_dcn, 8) == ("data", "fsdp")  # an axis a mesh lacks counts as size 1
+    with pytest.raises(ValueError, match="do not split into 3 slices"):
+        topology.make_mesh(devices, slices=3)
+    with pytest.raises(ValueError, match="need 8 devices, the slice has 4"):
+        topology.make_mesh(devices, data=2, fsdp=2, tensor=2, slices=2)

@@ -48,15 +48,20 @@ def _run_step(config, mesh, vae, encoder, params, host, template="1.0"):
 
 
 def test_sharded_step_equals_the_single_device_step(parts):
+    """On 2 simulated slices x (fsdp 2, tensor 2): the batch splits over dcn and fsdp, parameters over fsdp / tensor
+    within each slice (a full copy per slice), and the step equals the one-device step."""
     config, vae, encoder, _, host = parts
     config.mesh.shape = (1, 1, 1)
     params = transformer.param_dict(transformer.build(config.model, seed=0))
     _, one, out1 = _run_step(config, train.make_mesh(config, jax.devices()[:1]), vae, encoder, params, host)
-    config.mesh.shape = (2, 2, 2)
+    config.mesh.slices, config.mesh.shape = 2, (1, 2, 2)
     mesh = train.make_mesh(config)
+    assert dict(mesh.shape) == {"dcn": 2, "data": 1, "fsdp": 2, "tensor": 2}
     trainer, eight, out8 = _run_step(config, mesh, vae, encoder, params, host)
+    config.mesh.slices = 1
     specs = [s.spec for s in jax.tree.leaves(trainer.param_shardings)]
     assert any("fsdp" in str(s) for s in specs) and any("tensor" in str(s) for s in specs)
+    assert not any("dcn" in str(s) for s in specs) and trainer.batch_sharding.spec[0] == ("dcn", "data", "fsdp")
     np.testing.assert_allclose(out8["loss"], out1["loss"], rtol=1e-5)
     np.testing.assert_allclose(out8["grad_norm"], out1["grad_norm"], rtol=1e-4)
     for a, b in zip(jax.tree.leaves(jax.device_get(eight.params)), jax.tree.leaves(jax.device_get(one.params))):

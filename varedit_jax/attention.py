@@ -27,7 +27,6 @@ Backends (`impl`, the model's `attention_impl`):
 """
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -290,18 +289,5 @@ def _splash_specs(mesh, batch: int, heads: int) -> tuple[tuple[str, ...] | None,
     "heads" map to (the active `flax` logical-axis rules, else `sharding.DEFAULT_RULES`), keeping the leading ones
     whose sizes divide the dimension; the rest of the mesh computes replicas."""
     rules = dict(spmd.get_logical_axis_rules() or sharding.DEFAULT_RULES)
-
-    def axes(logical, size, taken):
-        names = rules.get(logical)
-        names = (names,) if isinstance(names, str) else tuple(names or ())
-        kept = []
-        for name in names:
-            if name in mesh.axis_names and name not in taken and size % (math.prod(
-                    mesh.shape[a] for a in kept) * mesh.shape[name]) == 0:
-                kept.append(name)
-            else:
-                break
-        return tuple(kept) or None
-
-    batch_axes = axes("batch", batch, ())
-    return batch_axes, axes("heads", heads, batch_axes or ())
+    batch_axes = sharding.axes_for(mesh, rules.get("batch"), batch, set())
+    return batch_axes or None, sharding.axes_for(mesh, rules.get("heads"), heads, set(batch_axes)) or None

@@ -1,10 +1,13 @@
 """AOT fit planner: compiles the real train step for a TPU slice on this (CPU-only) host and reports its memory.
 
-  python -m varedit_jax.plan --config configs/varedit_2b_256.py --topology v5p-128 [--template 1.0] [--json OUT]
-      [--config.batch_size=...]  (any config override)
+  python -m varedit_jax.plan --config configs/varedit_2b_256.py --topology v5p-128 [--slices 2] [--template 1.0]
+      [--json OUT] [--config.batch_size=...]  (any config override)
 
-The slice's devices come from libtpu's topology description (the `tpu` extra; no TPU needed); the mesh, logical
-rules, remat and batch are the config's, attention is the Pallas splash kernel. Reported per device: parameter,
+The slice's devices come from libtpu's topology description (the `tpu` extra; no TPU needed); `--slices N` plans N
+such slices as one multi-slice topology (config.mesh.slices = N: the batch also splits over the "dcn" axis, each
+slice holds a full copy of the sharded parameters and optimizer state; the compiled step includes the cross-slice
+gradient all-reduce). The mesh, logical rules, remat and batch are the config's, attention is the Pallas splash
+kernel. Reported per device: parameter,
 optimizer-state and frozen-model bytes (from the shardings), XLA's argument / output / temporary (activations and
 scratch) bytes, their peak total against the chip's HBM, the compiled FLOPs per step and an analytic estimate. A
 step XLA refuses to compile for lack of HBM is reported as not fitting, with the temporaries it asked for (raise
@@ -48,12 +51,14 @@ def analytic_flops(config: ml_collections.ConfigDict, template: str, passes: int
 
 
 def plan(config: ml_collections.ConfigDict, slice_name: str, template: str = "1.0") -> dict:
-    """AOT-compiles the train step of `config` for slice `slice_name` and returns the report (see module doc)."""
+    """AOT-compiles the train step of `config` for `config.mesh.slices` slices `slice_name` and returns the report
+    (see module doc)."""
     spec = topology.slice_spec(slice_name)
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.attention_impl = "splash"
     config.text.cache = False
-    mesh = train.make_mesh(config, topology.topology_devices(slice_name))
+    slices = int(config.mesh.slices)
+    mesh = train.make_mesh(config, topology.topology_devices(slice_name, slices))
     image_tok, text_encoder = loading.abstract_frozen(config)
     trainer = train.Trainer(config, mesh, image_tok, text_encoder)
     state = trainer.abstract_state()
@@ -66,13 +71,14 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, template: str = "1.
         "config": {"kind": config.kind, "conditioning": config.conditioning, "pn": config.pn, "template": template,
                    "batch_size": config.batch_size, "grad_accum": config.grad_accum, "remat": config.model.remat,
                    "dtype": config.model.dtype, "mesh": dict(mesh.shape), "sequence_length": layout.length},
-        "topology": {"name": spec.name, "grid": list(spec.grid), "devices": spec.chips,
+        "topology": {"name": spec.name, "slices": slices, "grid": list(spec.grid), "devices": spec.chips * slices,
                      "hbm_bytes_per_device": spec.hbm_bytes},
         "parameters": n_params,
         "bytes_per_device": {"params": _bytes_per_device(state.params),
                              "optimizer": _bytes_per_device((state.opt_state, state.ema)),
                              "frozen_models": _bytes_per_device(frozen), "batch": _bytes_per_device(batch)},
-        "flops_per_step_per_device": {"compiled": None, "analytic": analytic_flops(config, template) / spec.chips},
+        "flops_per_step_per_device": {"compiled": None,
+                                      "analytic": analytic_flops(config, template) / (spec.chips * slices)},
     }
     t0 = time.perf_counter()
     try:
@@ -108,9 +114,10 @@ def _gib(n: float) -> str:
 def summary(report: dict) -> str:
     b = report["bytes_per_device"]
     f = report["flops_per_step_per_device"]
-    head = (f"{report['topology']['name']} ({report['topology']['devices']} devices, mesh {report['config']['mesh']}): "
-            f"{report['parameters'] / 1e6:,.1f}M parameters, batch {report['config']['batch_size']}, "
-            f"L = {report['config']['sequence_length']}")
+    t = report["topology"]
+    head = (f"{'' if t['slices'] == 1 else str(t['slices']) + ' x '}{t['name']} ({t['devices']} devices, mesh "
+            f"{report['config']['mesh']}): {report['parameters'] / 1e6:,.1f}M parameters, batch "
+            f"{report['config']['batch_size']}, L = {report['config']['sequence_length']}")
     if "compile_error" in report:
         need = b["xla_temporaries"]
         return "\n".join([head, f"  per device: params {_gib(b['params'])}, optimizer {_gib(b['optimizer'])}, frozen "
@@ -118,9 +125,7 @@ def summary(report: dict) -> str:
                                 f"temporaries, the chip has {_gib(report['topology']['hbm_bytes_per_device'])} -> "
                                 f"DOES NOT FIT (raise --config.grad_accum, or a bigger slice)",
                                 f"  {report['compile_error']}"])
-    lines = [f"{report['topology']['name']} ({report['topology']['devices']} devices, mesh {report['config']['mesh']}): "
-             f"{report['parameters'] / 1e6:,.1f}M parameters, batch {report['config']['batch_size']}, "
-             f"L = {report['config']['sequence_length']}",
+    lines = [head,
              f"  per device: params {_gib(b['params'])}, optimizer {_gib(b['optimizer'])}, frozen models "
              f"{_gib(b['frozen_models'])}, temporaries {_gib(b['xla_temporaries'])}; peak {_gib(b['peak'])} of "
              f"{_gib(report['topology']['hbm_bytes_per_device'])} -> {'FITS' if report['fits'] else 'DOES NOT FIT'}",
@@ -134,12 +139,16 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="configs/*.py[:arg]")
     parser.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-8, v5p-128, v5e-256")
+    parser.add_argument("--slices", type=int, default=None,
+                        help="plan this many such slices (multi-slice over DCN; default: the config's mesh.slices)")
     parser.add_argument("--template", default="1.0", help="aspect template of the planned step")
     parser.add_argument("--json", help="also write the report here")
     args, overrides = parser.parse_known_args(argv)
     try:
         config = configlib.load(args.config)
         config = configlib.override(config, configlib.parse_overrides(overrides))
+        if args.slices is not None:
+            config.mesh.slices = args.slices
         schedules.scale_schedule(args.template, config.pn)
         report = plan(config, args.topology, args.template)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:

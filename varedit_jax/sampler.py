@@ -26,7 +26,7 @@ Outputs (`SampleOutput`): bits (B, L, D) uint8, summed (B, H, W, d) float32 late
 (B, L, 2D) float32 = the CFG-mixed /tau logits the bits were drawn from (optional), finite (B,) bool (every logit
 was finite; a False row is reported as an error by `Editor`).
 
-Parallelism: a ("data", "fsdp", "tensor") mesh (`inference_mesh`); parameters are placed by their logical axis
+Parallelism: a ("dcn", "data", "fsdp", "tensor") mesh of one slice (`inference_mesh`, dcn 1); parameters are placed by their logical axis
 names (`sharding.DEFAULT_RULES`: heads / mlp over "tensor" for 8B, embed over "fsdp"); batch inputs are split over
 ("data", "fsdp") with `jax.jit` + NamedSharding; the decode state is constrained to the same layout (KV heads over
 "tensor") every scale. The batch is padded to a multiple of the data-parallel size (padded rows are dropped).
@@ -226,7 +226,7 @@ def sample_scales(model: transformer.Infinity, layout: conditioning.SequenceLayo
 
 # ------------------------------------------------------------------------------------------------ meshes, shardings
 def inference_mesh(devices: Sequence | None = None, *, tensor: int = 1, fsdp: int = 1) -> jax.sharding.Mesh:
-    """A ("data", "fsdp", "tensor") mesh over `devices` (default: all), data = the rest."""
+    """A one-slice ("dcn", "data", "fsdp", "tensor") mesh over `devices` (default: all), data = the rest."""
     return topology.make_mesh(tuple(devices if devices is not None else jax.devices()), data=-1, fsdp=fsdp,
                               tensor=tensor)
 
@@ -370,7 +370,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, slice_name: str, *, 
                          data: int = -1, tensor: int = 1,
                          attention_impl: str | None = None) -> tuple[jax.stages.Compiled, float]:
     """AOT-compiles the sampler of a transformer config for a TPU slice (e.g. "v5p-8") on any host (libtpu, no
-    TPU): abstract parameters placed by their logical names on a ("data", "fsdp", "tensor") mesh of the slice.
+    TPU): abstract parameters placed by their logical names on a ("dcn", "data", "fsdp", "tensor") mesh of the slice.
     `text_len` defaults to the model's `text_max_len`. Returns (compiled, seconds); `compiled.memory_analysis()`
     gives per-device memory."""
     model_cfg = transformer.default_model_config(**dict(config.model.items()))

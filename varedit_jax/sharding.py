@@ -3,7 +3,8 @@
 Model code annotates every parameter with logical names (one per array dimension), e.g.
 `nnx.Param(w, out_sharding=("embed", "mlp"))` or `nnx.with_partitioning(init, ("embed", "mlp"))`.
 Configs map logical names to mesh axes (`config.mesh.rules`, defaulting to `DEFAULT_RULES`); a name mapped to
-None is replicated. The mesh axes are ("data", "fsdp", "tensor").
+None is replicated. The mesh axes are ("dcn", "data", "fsdp", "tensor"): "dcn" spans TPU slices (data parallel over
+the data-center network; size 1 on one slice), the others lie within a slice (`topology.make_mesh`).
 
 Vocabulary (parameters):
   embed       transformer width C                          -> fsdp
@@ -16,7 +17,8 @@ Vocabulary (parameters):
   norm        norm scales / small per-channel vectors      -> replicated
   conv_in, conv_out, conv_h, conv_w   tokenizer convolutions (HWIO) -> replicated
   unmodeled   anything small that should never be sharded  -> replicated
-Activations: batch -> (data, fsdp); length, act_embed -> replicated.
+Activations: batch -> (dcn, data, fsdp); length, act_embed -> replicated. Parameters are replicated over "dcn" (no
+rule names it): each slice holds a full FSDP / tensor-parallel copy and gradients are averaged across slices.
 """
 import math
 
@@ -26,10 +28,10 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")
 
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    ("batch", ("data", "fsdp")),
+    ("batch", ("dcn", "data", "fsdp")),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
@@ -54,20 +56,22 @@ def rules_dict(rules=None) -> dict:
 
 
 def axes_for(mesh: jax.sharding.Mesh, names, size: int, taken: set) -> tuple[str, ...]:
-    """The leading mesh axes of `names` (a rule value) whose product divides `size` (the others: replicated), skipping
-    none: the first axis that is absent, already `taken` by another dimension, or does not divide, ends the list."""
+    """The leading mesh axes of `names` (a rule value) whose product divides `size` (the others: replicated): axes
+    the mesh lacks count as size 1 and are left out; the first axis already `taken` by another dimension, or that
+    does not divide, ends the list."""
     names = (names,) if isinstance(names, str) else tuple(names or ())
     kept = []
     for name in names:
-        if name not in mesh.axis_names or name in taken or size % (math.prod(mesh.shape[a] for a in kept)
-                                                                   * mesh.shape[name]):
+        if name not in mesh.axis_names:
+            continue
+        if name in taken or size % (math.prod(mesh.shape[a] for a in kept) * mesh.shape[name]):
             break
         kept.append(name)
     return tuple(kept)
 
 
 def batch_axes(mesh: jax.sharding.Mesh, size: int, rules=None) -> tuple[str, ...] | None:
-    """Mesh axes a batch dimension of `size` is split over (the "batch" rule: data, fsdp)."""
+    """Mesh axes a batch dimension of `size` is split over (the "batch" rule: dcn, data, fsdp)."""
     return axes_for(mesh, rules_dict(rules)["batch"], size, set()) or None
 
 

@@ -2,13 +2,15 @@
 
 Slice names follow Cloud TPU: `v4-N` and `v5p-N` count TensorCores (2 per chip, one megacore JAX device per chip),
 `v5e-N` and `v6e-N` count chips (one core each). `slice_spec(name)` gives the chip grid and the topology name that
-`jax.experimental.topologies.get_topology_desc` takes, `topology_devices(name)` its compile-only devices, and
-`make_mesh(name, data, fsdp, tensor)` an `AxisType.Auto` mesh over them with the project's axes
-("data", "fsdp", "tensor"). Chip grids grow as the Cloud TPU ones do: from the smallest slice, double the smallest
+`jax.experimental.topologies.get_topology_desc` takes, `topology_devices(name, slices)` the compile-only devices of
+`slices` such slices (a multi-slice topology: devices carry a `slice_index`), and `make_mesh(name, data, fsdp,
+tensor, slices)` an `AxisType.Auto` mesh over them with the project's axes ("dcn", "data", "fsdp", "tensor"): "dcn"
+spans the slices (data parallel over the data-center network, MaxText's dcn_data_parallelism; the hybrid device
+mesh), the other three lie within each slice (ICI). Chip grids grow as the Cloud TPU ones do: from the smallest slice, double the smallest
 grid dimension (ties: the last), e.g. v4-8 2x2x1, v5p-8 2x2x1, v5p-16 2x2x2, v5p-32 2x2x4, v5p-128 4x4x4, v5p-256 4x4x8;
 v5e-8 2x4, v5e-16 4x4, v5e-256 16x16. Other shapes (e.g. v5p-384) are not listed here.
 
-Use, e.g. for a plan:  mesh = make_mesh("v5p-128", fsdp=-1)
+Use, e.g. for a plan:  mesh = make_mesh("v5p-128", fsdp=-1)     two slices: make_mesh("v5p-128", fsdp=-1, slices=2)
   jax.jit(step, in_shardings=..., out_shardings=...).lower(*abstract_args).compile().memory_analysis()
 """
 import dataclasses
@@ -93,37 +95,62 @@ def slice_spec(name: str) -> SliceSpec:
 
 
 @functools.lru_cache(maxsize=None)
-def topology_devices(name: str) -> tuple:
-    """The compile-only devices of slice `name` (one per chip), from libtpu's topology description."""
+def topology_devices(name: str, slices: int = 1) -> tuple:
+    """The compile-only devices of `slices` slices `name` (one per chip; slice after slice), from libtpu's topology
+    description."""
     spec = slice_spec(name)
     gen = GENERATIONS[spec.generation]
+    if slices < 1:
+        raise ValueError(f"slices must be >= 1, got {slices}")
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=spec.topology_name,
-                                            chip_config_name=gen.chip_config)
+                                            chip_config_name=gen.chip_config,
+                                            **({"num_slices": slices} if slices > 1 else {}))
     except Exception as e:  # libtpu missing or the topology unknown to it
         raise RuntimeError(f"cannot describe TPU topology {spec.topology_name} for {name} (is libtpu installed? "
                            f"pip install '.[tpu]'): {e}") from e
-    if len(topo.devices) != spec.chips:
-        raise RuntimeError(f"{spec.topology_name} gave {len(topo.devices)} devices, expected {spec.chips}")
+    if len(topo.devices) != spec.chips * slices:
+        raise RuntimeError(f"{slices} x {spec.topology_name} gave {len(topo.devices)} devices, expected "
+                           f"{spec.chips * slices}")
     return tuple(topo.devices)
 
 
-def make_mesh(devices: str | tuple | list, data: int = 1, fsdp: int = -1, tensor: int = 1) -> jax.sharding.Mesh:
-    """An `AxisType.Auto` mesh ("data", "fsdp", "tensor") over a slice name's devices (or given devices).
+def make_mesh(devices: str | tuple | list, data: int = 1, fsdp: int = -1, tensor: int = 1,
+              slices: int = 1) -> jax.sharding.Mesh:
+    """An `AxisType.Auto` mesh ("dcn", "data", "fsdp", "tensor") over `slices` slices of a slice name (or over given
+    devices): "dcn" = slices; data, fsdp and tensor lie within each slice (their product = devices per slice).
 
-    One axis size may be -1: it takes the remaining devices. ValueError when the sizes do not multiply to the
-    device count.
+    One of data, fsdp, tensor may be -1: it takes the remaining devices of a slice. ValueError when the sizes do not
+    multiply to the devices per slice, or the devices' slices (TPU devices know theirs) are not `slices`.
     """
-    devices = topology_devices(devices) if isinstance(devices, str) else tuple(devices)
+    devices = topology_devices(devices, slices) if isinstance(devices, str) else tuple(devices)
+    if slices < 1 or len(devices) % slices:
+        raise ValueError(f"{len(devices)} devices do not split into {slices} slices")
+    per_slice = len(devices) // slices
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ValueError(f"mesh sizes (data, fsdp, tensor) = {tuple(sizes)}: use positive sizes and at most one -1")
     known = math.prod(s for s in sizes if s != -1)
-    if -1 not in sizes and known != len(devices):
+    if -1 not in sizes and known != per_slice:
         raise ValueError(f"mesh sizes (data, fsdp, tensor) = {tuple(sizes)} need {known} devices, "
-                         f"the slice has {len(devices)}")
-    if len(devices) % known:
-        raise ValueError(f"mesh sizes (data, fsdp, tensor) = {tuple(sizes)} do not divide {len(devices)} devices")
-    sizes = [len(devices) // known if s == -1 else s for s in sizes]
-    grid = mesh_utils.create_device_mesh(sizes, list(devices), allow_split_physical_axes=True)
-    return jax.sharding.Mesh(np.asarray(grid), MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+                         f"the slice has {per_slice}")
+    if per_slice % known:
+        raise ValueError(f"mesh sizes (data, fsdp, tensor) = {tuple(sizes)} do not divide {per_slice} devices")
+    sizes = [per_slice // known if s == -1 else s for s in sizes]
+    return jax.sharding.Mesh(_device_grid(devices, slices, sizes), MESH_AXES,
+                             axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def _device_grid(devices: tuple, slices: int, sizes: list[int]) -> np.ndarray:
+    """The (slices, *sizes) device array: each slice's devices laid out along its physical ICI topology. TPU devices
+    carry their `slice_index` (`mesh_utils.create_hybrid_device_mesh` groups them); devices without one (CPU, the
+    simulated slices of the tests) form `slices` consecutive groups."""
+    found = {getattr(d, "slice_index", None) for d in devices}
+    if None not in found and len(found) != slices:
+        raise ValueError(f"the devices span {len(found)} slice(s), the mesh asks for {slices} (config mesh.slices)")
+    if slices > 1 and None not in found:
+        return mesh_utils.create_hybrid_device_mesh([1, *sizes], [slices, 1, 1, 1], devices,
+                                                    allow_split_physical_axes=True)
+    per_slice = len(devices) // slices
+    return np.stack([mesh_utils.create_device_mesh(sizes, list(devices[i * per_slice:(i + 1) * per_slice]),
+                                                   allow_split_physical_axes=True) for i in range(slices)])

@@ -1,4 +1,4 @@
-"""Training VAREdit (and Infinity) transformers: one pure jitted train step over a (data, fsdp, tensor) mesh.
+"""Training VAREdit (and Infinity) transformers: one pure jitted train step over a (dcn, data, fsdp, tensor) mesh.
 
   python -m varedit_jax.train --config configs/varedit_tiny.py --workdir runs/tiny [--config.total_steps=200]
 
@@ -51,9 +51,10 @@ from varedit_jax.train_step import Frozen, TrainState, eval_step, sequence_layou
 
 # ------------------------------------------------------------------------------------------------ the trainer
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+    """The ("dcn", "data", "fsdp", "tensor") mesh of `config.mesh` (slices, per-slice shape) over `devices` (all)."""
     data_size, fsdp, tensor = (int(s) for s in config.mesh.shape)
     return topology.make_mesh(tuple(devices if devices is not None else jax.devices()), data=data_size, fsdp=fsdp,
-                              tensor=tensor)
+                              tensor=tensor, slices=int(config.mesh.slices))
 
 
 class Trainer:

@@ -9,8 +9,9 @@ one by one, so every value of a paper recipe is visible in its file. Groups:
   text             the frozen text encoder: path, config, max_len (static token length), dtype (compute), cache
                    (host-cached features instead of the encoder in the step), drop_rate (CFG text dropout)
   bsc, loss        bitwise self-correction and the per-bit loss weighting
-  optim            `optim.default_config`;  data / eval_data: `data.default_config`;  mesh: shape over
-                   (data, fsdp, tensor) (-1 = the rest) and the logical-axis `rules`;  toy: the toy assets
+  optim            `optim.default_config`;  data / eval_data: `data.default_config`;  mesh: `slices` (TPU slices the
+                   run spans: the "dcn" axis), `shape` over (data, fsdp, tensor) within each slice (-1 = the rest)
+                   and the logical-axis `rules`;  toy: the toy assets
 Stored checkpoint configs of older versions are migrated on load (`checkpoint.migrate`).
 """
 import pathlib
@@ -71,7 +72,8 @@ def default_config(model: ml_collections.ConfigDict, *, conditioning: str | None
     c.eval_data.pn = pn
     c.eval_data.shuffle = False
     c.toy = toy_config()
-    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules=tuple(tuple(r) for r in sharding.DEFAULT_RULES)))
+    c.mesh = ml_collections.ConfigDict(dict(slices=1, shape=(-1, 1, 1),
+                                            rules=tuple(tuple(r) for r in sharding.DEFAULT_RULES)))
     return c
 
 
@@ -94,6 +96,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.batch_size <= 0 or config.batch_size % config.grad_accum:
         raise ValueError(f"batch_size {config.batch_size} must be a positive multiple of grad_accum "
                          f"{config.grad_accum}")
+    if config.mesh.slices < 1:
+        raise ValueError(f"mesh.slices must be >= 1, got {config.mesh.slices}")
     if config.data.pn != config.pn:
         raise ValueError(f"data.pn {config.data.pn} != pn {config.pn}")
     optim.validate(config.optim)
