@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from helpers import data_digests, small_config, small_flags, train_subprocess
-from varedit_jax import checkpoint, storage, train, watchdog
+from varedit_jax import checkpoint, recipe, storage, train, watchdog
 
 
 def _free_port() -> int:
@@ -118,3 +118,29 @@ def test_keep_period_keeps_milestones_and_checkpoints_record_the_run(trained_run
     config = small_config(total_steps=6, checkpoint_every=1, keep_checkpoints=2, keep_period=3)
     train.train(config, tmp_path)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 5, 6]
+
+
+def test_a_two_stage_recipe_continues_where_it_stopped(tmp_path, capsys):
+    """The tiny recipe (64 px, then 128 px from stage 1's EMA): preempted in stage 2, the same command continues
+    there; finished stages are skipped."""
+    flags = small_flags(total_steps=6, checkpoint_every=2)
+    stop = threading.Event()
+
+    def preempt_in_stage_2():
+        while not (tmp_path / "2_128px" / "checkpoints" / "2").is_dir() and not stop.wait(0.05):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    watcher = threading.Thread(target=preempt_in_stage_2, daemon=True)
+    watcher.start()
+    assert recipe.main(["--recipe", "configs/recipe_tiny.py", "--workdir", str(tmp_path), *flags]) == 0
+    stop.set()
+    watcher.join()
+    out = capsys.readouterr().out
+    assert f"initialised from {tmp_path / '1_64px'} (ema)" in out and "stopped at step" in out
+    assert checkpoint.resolve(tmp_path / "1_64px")[1] == 6 and checkpoint.resolve(tmp_path / "2_128px")[1] < 6
+    assert checkpoint.load_config(tmp_path / "2_128px").pn == "0.25M"
+    assert recipe.main(["--recipe", "configs/recipe_tiny.py", "--workdir", str(tmp_path), *flags]) == 0
+    out = capsys.readouterr().out
+    assert "1_64px is finished" in out and "resumed" in out
+    assert checkpoint.resolve(tmp_path / "2_128px")[1] == 6

@@ -16,7 +16,10 @@ import numpy as np
 import pytest
 
 from helpers import REPO_ROOT, data_digests, final_params, small_config, small_flags, train_subprocess
-from varedit_jax import assets, checkpoint, configlib, data, loading, optim, train, train_config, transformer
+from varedit_jax import (assets, checkpoint, configlib, data, loading, optim, state_dicts, train, train_config,
+                         transformer)
+from varedit_jax import params as params_lib
+from varedit_jax.convert import infinity as convert_infinity
 
 @pytest.fixture(scope="module")
 def cache():
@@ -101,16 +104,33 @@ def test_too_many_nonfinite_steps_stop_the_run_after_saving(cache, tmp_path, mon
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(params))
 
 
-def test_init_checkpoint_keeps_matching_tensors_and_drops_the_others(parts, tmp_path, capsys):
-    config, *_ = parts
+@pytest.mark.parametrize("form", ["checkpoint", "official safetensors"])
+def test_init_checkpoint_keeps_matching_tensors_and_drops_the_others(parts, tmp_path, capsys, form):
+    """Matching tensors are read straight into the run's shardings (a checkpoint array by array, official weights
+    tensor by tensor); the random init itself is the one `transformer.build` makes, created sharded."""
+    config, vae, encoder, *_ = parts
+    config = configlib.override(config, {"mesh.shape": (1, -1, 1)})  # fsdp over all 8 devices
     other = configlib.override(config, {"model.bits": 8})
-    source = transformer.param_dict(transformer.build(other.model, seed=5))
-    checkpoint.save_params(tmp_path / "init", source, other)
-    config = configlib.override(config, {"init_checkpoint": str(tmp_path / "init")})
-    params = loading.load_init_params(config)
-    np.testing.assert_array_equal(params["blocks"]["sa"]["mat_qkv"], source["blocks"]["sa"]["mat_qkv"])
-    assert params["word_embed"]["kernel"].shape == (16, 64)
-    assert "word_embed" in capsys.readouterr().out
+    source = params_lib.flat_leaves(transformer.param_dict(transformer.build(other.model, seed=5)))
+    if form == "checkpoint":
+        checkpoint.save_params(tmp_path / "init", source, other)
+        path = tmp_path / "init"
+    else:
+        path = tmp_path / "init.safetensors"
+        state_dicts.write_state_dict(path, convert_infinity.export_weights(other, source))
+    trainer = train.Trainer(config, train.make_mesh(config), vae, encoder)
+    init = params_lib.flat_leaves(trainer.init_params_fn()())
+    built = params_lib.flat_leaves(transformer.param_dict(transformer.build(config.model, seed=config.seed)))
+    loaded = params_lib.flat_leaves(loading.load_init_params(configlib.override(config, {"init_checkpoint": str(path)}),
+                                                             params_lib.replace_leaves(built, init)))
+    for name, array in loaded.items():
+        np.testing.assert_array_equal(init[name], built[name])
+        want = built[name] if name in ("word_embed/kernel", "head/kernel", "head/bias") else source[name]
+        np.testing.assert_array_equal(array, want, err_msg=name)
+        assert array.sharding == init[name].sharding, name
+    assert init["blocks/ffn/fc1/kernel"].sharding.spec[1] == "fsdp"
+    assert "kept at init (shape mismatch / missing): ['head/bias', 'head/kernel', 'word_embed/kernel']" in \
+        capsys.readouterr().out
 
 
 @pytest.mark.slow

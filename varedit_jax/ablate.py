@@ -209,7 +209,7 @@ def main(argv=None) -> int:
         if args.plan_only:
             print(report.markdown_table(plan_rows(config, args.conditioning)))
             return 0
-        distributed.init_distributed(config, args.distributed, args.coordinator, args.num_processes, args.process_id)
+        distributed.init_distributed([config], args.distributed, args.coordinator, args.num_processes, args.process_id)
         sweep(config, args.conditioning, args.seeds, args.workdir, eval_pairs=args.eval_pairs or config.toy.eval_pairs,
               options=sampler.SamplingOptions(guidance=args.guidance, tau=args.tau))
     except (ValueError, KeyError, FileNotFoundError) as e:

@@ -33,9 +33,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from varedit_jax import params as params_lib
 from varedit_jax import storage
 
 PARAMS, CONFIG, TRAIN_STATE, DATA, RUN = "params", "config", "train_state", "data", "run"
+WEIGHTS = ("params", "ema")  # the weights a training checkpoint holds
 CORRUPT = "checkpoints_corrupt"
 
 
@@ -215,11 +217,14 @@ def load_params(path, abstract_params: Any = None) -> tuple[ml_collections.Confi
 
 
 def git_commit() -> str:
-    """The commit of the code that is running: $VAREDIT_GIT_COMMIT (set by the TPU launcher, whose workers get a
-    `git archive`), else `git rev-parse HEAD` of this checkout (+ "-dirty" with uncommitted changes), else
-    "unknown"."""
+    """The commit of the code that is running: $VAREDIT_GIT_COMMIT if set; in a `git archive` (what the TPU
+    launcher ships) the commit git wrote into varedit_jax/COMMIT (export-subst); in a checkout `git rev-parse HEAD`
+    (+ "-dirty" with uncommitted changes); else "unknown"."""
     if os.environ.get("VAREDIT_GIT_COMMIT"):
         return os.environ["VAREDIT_GIT_COMMIT"]
+    shipped = (pathlib.Path(__file__).parent / "COMMIT").read_text().strip()
+    if re.fullmatch(r"[0-9a-f]{40}", shipped):
+        return shipped
     repo = pathlib.Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -248,6 +253,61 @@ def stored_data_states(data_dir: epath.Path) -> dict[int, dict]:
     if len(counts) != 1 or len(found) != next(iter(counts)):
         raise ValueError(f"{data_dir}: incomplete data iterator states {sorted(f.name for f in data_dir.iterdir())}")
     return {i: state for i, (_, state) in found.items()}
+
+
+def _partial_item(stored, target: dict, prefix: str = "") -> tuple[Any, list[str]]:
+    """The part of the stored tree (metadata) that `target` ({"a/b": ShapeDtypeStruct}) has with the same shape, in
+    the stored tree's structure (a list is kept or left out whole), and the stored names left out."""
+    if isinstance(stored, dict):
+        out, dropped = {}, []
+        for k, v in stored.items():
+            sub, d = _partial_item(v, target, f"{prefix}{k}/")
+            dropped += d
+            if sub is not None:
+                out[k] = sub
+        return (out or None), dropped
+    if isinstance(stored, (list, tuple)):
+        parts = [_partial_item(v, target, f"{prefix}{i}/") for i, v in enumerate(stored)]
+        dropped = [n for _, d in parts for n in d]
+        return (None if dropped else [sub for sub, _ in parts]), dropped or []
+    name = prefix[:-1]
+    want = target.get(name)
+    if want is None or tuple(want.shape) != tuple(stored.shape):
+        return None, [name]
+    return want, []
+
+
+def load_matching(path, target: dict, weights: str = "params") -> tuple[ml_collections.ConfigDict, dict, list[str]]:
+    """(stored config, {"a/b": array}, names left out) of the newest intact step of a checkpoint: the arrays named
+    in `target` ({"a/b": ShapeDtypeStruct with a sharding}) that the checkpoint holds with the same shape,
+    restored straight into their shardings (nothing else is read). weights: "params", or "ema" (the EMA a
+    training checkpoint kept: ValueError when it kept none)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+
+    def read(root, step):
+        item = root / str(step) / (PARAMS if weights == "params" else TRAIN_STATE)
+        if not item.is_dir():
+            raise StoredShapeMismatch(f"{root / str(step)} is not a training checkpoint: it has no EMA")
+        stored = ocp.StandardCheckpointHandler().metadata(item).tree
+        if weights == "ema":
+            if not isinstance(stored.get("ema"), dict):
+                raise StoredShapeMismatch(f"{root / str(step)} kept no EMA (optim.ema_decay was 0): use its params")
+            stored = {"ema": stored["ema"]}
+            target_in = {f"ema/{k}": v for k, v in target.items()}
+        else:
+            target_in = target
+        partial, dropped = _partial_item(stored, target_in)
+        restored = {}
+        if partial is not None:
+            restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+                item=partial, restore_args=ocp.checkpoint_utils.construct_restore_args(partial),
+                partial_restore=True))
+            restored = restored["ema"] if weights == "ema" else restored
+        with ocp.CheckpointManager(root, item_names=(PARAMS, CONFIG)) as mngr:
+            config = mngr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+        return ml_collections.ConfigDict(migrate(config)), params_lib.flat_leaves(restored), dropped
+    return first_intact(path, read)[1]
 
 
 class TrainCheckpoints:

@@ -17,16 +17,18 @@ from jax.experimental import multihost_utils
 from varedit_jax import assets
 
 
-def init_distributed(config: ml_collections.ConfigDict, auto: bool = False, coordinator: str | None = None,
+def init_distributed(configs: list[ml_collections.ConfigDict], auto: bool = False, coordinator: str | None = None,
                      num_processes: int | None = None, process_id: int | None = None) -> None:
     """Joins a multi-process run: `auto` (TPU pods, clusters: jax.distributed finds its peers) or an explicit
-    `coordinator` HOST:PORT with `num_processes` / `process_id`; nothing otherwise. The toy assets the config needs are
-    built first, in a single-process child (`assets.build_in_child`)."""
+    `coordinator` HOST:PORT with `num_processes` / `process_id`; nothing otherwise. The toy assets the configs (of
+    the run, or of every stage of a recipe) need are built first, in a single-process child
+    (`assets.build_in_child`)."""
     if not (auto or coordinator):
         return
     if coordinator and (num_processes is None or process_id is None):
         raise ValueError("--coordinator needs --num_processes and --process_id")
-    assets.build_in_child(config)
+    for config in configs:
+        assets.build_in_child(config)
     if coordinator:
         jax.distributed.initialize(coordinator, num_processes, process_id)
     else:

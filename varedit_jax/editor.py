@@ -123,11 +123,13 @@ class Editor:
     config: the transformer checkpoint config (kind "varedit", conditioning, pn, model, optional text.max_len);
     params: the transformer's parameter tree; image_tok: `image_tokenizer.ImageTokenizer`; text_encoder:
     `text.T5Encoder`; text_tokenizer: `text.TextTokenizer`. mesh: default `sampler.inference_mesh(tensor=tensor)` over
-    every device; batch_size: samples per device step (default: the data-parallel size), padded to a multiple of it.
+    every device; batch_size: samples per device step (default: the data-parallel size), padded to a multiple of it;
+    rules: logical axis rules (default `sharding.DEFAULT_RULES`). Models already placed on `mesh` by `rules` (a
+    training run's) are used in place, never gathered or copied.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, params, image_tok, text_encoder, text_tokenizer, *,
-                 mesh: jax.sharding.Mesh | None = None, tensor: int = 1, batch_size: int | None = None):
+                 mesh: jax.sharding.Mesh | None = None, tensor: int = 1, batch_size: int | None = None, rules=None):
         if config.get("kind") not in ("varedit", None):
             raise ConfigMismatch(f"the checkpoint is a {config.get('kind')!r} model, not an editing model ('varedit')")
         self.config = config
@@ -136,7 +138,8 @@ class Editor:
         check_components(model_cfg, image_tok, text_encoder)
         self.text_len = text_max_len(config, model_cfg, text_encoder)
         self.mesh = mesh if mesh is not None else sampler.inference_mesh(tensor=tensor)
-        self.sampler = sampler.Sampler.from_model(transformer.build(model_cfg, params), self.mesh)
+        self.rules = rules
+        self.sampler = sampler.Sampler.from_model(transformer.build(model_cfg, params), self.mesh, rules)
         self.tok_graphdef, self.tok_state = self._place(image_tok)
         self.text_graphdef, self.text_state = self._place(text_encoder)
         self.stride = image_tok.stride
@@ -146,7 +149,7 @@ class Editor:
 
     def _place(self, model: nnx.Module):
         graphdef, state = nnx.split(model)
-        return graphdef, sharding.place(state, sharding.param_shardings(state, self.mesh))
+        return graphdef, sharding.place(state, sharding.param_shardings(state, self.mesh, self.rules))
 
     @classmethod
     def from_checkpoint(cls, path, image_tokenizer: str | None = None, text_encoder: str | None = None,

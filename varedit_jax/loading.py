@@ -12,21 +12,19 @@ Every loader takes either form of the same model:
   load_text_encoder(path)     -> (config, text.T5Encoder, TextTokenizer)  kind "t5"
   load_frozen(config)         -> the frozen image tokenizer, text encoder and text tokenizer of a training config
   abstract_frozen(config)     -> the same two models, abstract (shapes only), from their configs/*.py files
-  load_init_params(config)    -> the transformer params a training run starts from (`init_checkpoint`)
+  load_init_params(config, params) -> a run's random init with `init_checkpoint`'s matching tensors, sharded
 This is the only module besides the `convert` CLI that imports `varedit_jax.convert`. Errors are FileNotFoundError
 / ValueError (`state_dicts.StateDictMismatch`) naming the path and the reason.
 """
-import functools
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from etils import epath
 from flax import nnx
 
 from varedit_jax import checkpoint, configlib, image_tokenizer, storage, text, transformer
+from varedit_jax import params as params_lib
 from varedit_jax.convert import family
 
 TRANSFORMER_KINDS = ("infinity", "varedit")
@@ -103,29 +101,32 @@ def abstract_frozen(config: ml_collections.ConfigDict):
             nnx.eval_shape(lambda: text.T5Encoder(text_cfg, rngs=nnx.Rngs(0))))
 
 
-def load_init_params(config: ml_collections.ConfigDict) -> dict:
-    """The transformer params a training run starts from: random init (`config.seed`), with every tensor of
-    `config.init_checkpoint` (Infinity / VAREdit weights or checkpoint) whose path and shape match taken over; the
-    others stay at init and are listed."""
-    params = transformer.param_dict(transformer.build(config.model, seed=config.seed))
+def load_init_params(config: ml_collections.ConfigDict, params: dict) -> dict:
+    """The transformer params a training run starts from: `params` (its random init, global arrays in their
+    shardings) with every tensor of `config.init_checkpoint` (Infinity / VAREdit weights or checkpoint) whose path
+    and shape match taken over, read straight into the same shardings (official weights tensor by tensor and shard
+    by shard, checkpoints array by array: the model is never whole on one device or in host memory); the others
+    stay at init and are listed."""
     if not config.init_checkpoint:
         return params
-    _, source = load_transformer(config.init_checkpoint)
-    loaded = transformer.param_dict(source)
-    dropped = []
-
-    def take(path, mine):
-        try:
-            theirs = functools.reduce(lambda t, k: t[getattr(k, "key", getattr(k, "idx", k))], path, loaded)
-        except (KeyError, IndexError, TypeError):
-            dropped.append(f"{jax.tree_util.keystr(path)} (missing)")
-            return mine
-        if np.shape(theirs) != np.shape(mine):
-            dropped.append(f"{jax.tree_util.keystr(path)} {np.shape(theirs)} -> {np.shape(mine)}")
-            return mine
-        return jnp.asarray(theirs, mine.dtype)
-
-    params = jax.tree_util.tree_map_with_path(take, params)
-    print(f"initialised from {config.init_checkpoint}; kept at init (shape mismatch / missing): "
-          f"{dropped if dropped else 'none'}", flush=True)
-    return params
+    path = storage.path(config.init_checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"no transformer weights or checkpoint at {path} (init_checkpoint)")
+    target = {k: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+              for k, a in params_lib.flat_leaves(params).items()}
+    if is_weights(path):
+        if config.init_weights != "params":
+            raise ValueError(f"init_weights={config.init_weights!r} needs a training checkpoint; {path} holds "
+                             f"official weights")
+        with storage.local_copy(path) as local:  # gs://: a temporary download
+            loaded, _ = family("varedit").import_sharded(local, target)
+    else:
+        stored, loaded, _ = checkpoint.load_matching(path, target, config.init_weights)
+        if stored.get("kind") not in TRANSFORMER_KINDS:
+            raise ValueError(f"{path} holds a {stored.get('kind')!r} checkpoint, not a transformer "
+                             f"{TRANSFORMER_KINDS} (init_checkpoint)")
+    kept = sorted(set(target) - set(loaded))
+    print(f"initialised from {config.init_checkpoint} ({config.init_weights}): {len(loaded)} of {len(target)} "
+          f"tensors; kept at init "
+          f"(shape mismatch / missing): {kept if kept else 'none'}", flush=True)
+    return params_lib.replace_leaves(params, loaded)

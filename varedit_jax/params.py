@@ -30,10 +30,24 @@ def param_dict(model: nnx.Module) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
+def path_name(path) -> str:
+    """"a/b/0/c" for a jax key path (dict keys, list indices and attribute names alike)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def flat_leaves(tree) -> dict:
+    """{"a/b/0/c": leaf} for every leaf of a nested tree."""
+    return {path_name(path): v for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def flat_shapes(tree) -> dict[str, tuple[int, ...]]:
     """{"a/b/0/c": shape} for every leaf of a nested tree."""
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(np.shape(v))
-            for path, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {k: tuple(np.shape(v)) for k, v in flat_leaves(tree).items()}
+
+
+def replace_leaves(tree, by_name: dict):
+    """`tree` with the leaves named in `by_name` ("a/b/0/c" -> value) replaced."""
+    return jax.tree_util.tree_map_with_path(lambda path, v: by_name.get(path_name(path), v), tree)
 
 
 def load_param_dict(model: nnx.Module, params: dict) -> None:

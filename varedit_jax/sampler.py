@@ -284,12 +284,14 @@ class Sampler:
         self.graphdef, self.state, self.mesh, self.model_cfg = graphdef, state, mesh, model_cfg
 
     @classmethod
-    def from_model(cls, model: transformer.Infinity, mesh: jax.sharding.Mesh | None = None) -> "Sampler":
-        """A Sampler holding a copy of `model`'s parameters placed on `mesh` (default `inference_mesh()` over every
-        device) by their logical axis names."""
+    def from_model(cls, model: transformer.Infinity, mesh: jax.sharding.Mesh | None = None,
+                   rules=None) -> "Sampler":
+        """A Sampler holding `model`'s parameters placed on `mesh` (default `inference_mesh()` over every device) by
+        their logical axis names (`rules`: default `sharding.DEFAULT_RULES`); parameters already placed so (e.g. a
+        training state's, on the training mesh with its rules) are used as they are, not copied."""
         mesh = mesh if mesh is not None else inference_mesh()
         graphdef, state = nnx.split(model)
-        return cls(graphdef, sharding.place(state, sharding.param_shardings(state, mesh)), mesh, model.cfg)
+        return cls(graphdef, sharding.place(state, sharding.param_shardings(state, mesh, rules)), mesh, model.cfg)
 
     @property
     def data_size(self) -> int:

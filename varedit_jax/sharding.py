@@ -107,10 +107,29 @@ def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, size: int, rules=None) ->
 # Under jax.distributed every process runs the same program; a global array is only partly addressable from each.
 def place(tree, shardings):
     """Host values or process-local arrays, identical on every process -> global arrays with `shardings`. Goes through
-    host memory: each process fills its own shards (no cross-host device transfer, which CPU backends lack)."""
-    host = jax.device_get(tree)
-    return jax.tree.map(lambda a, s: jax.make_array_from_callback(np.shape(a), s, lambda idx: np.asarray(a)[idx]),
-                        host, shardings)
+    host memory: each process fills its own shards (no cross-host device transfer, which CPU backends lack). Arrays
+    already laid out as asked are kept as they are (no copy)."""
+    def one(a, s):
+        if isinstance(a, jax.Array) and a.sharding.is_equivalent_to(s, a.ndim):
+            return a
+        host = np.asarray(jax.device_get(a))
+        return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+    return jax.tree.map(one, tree, shardings)
+
+
+def assemble(shape: tuple[int, ...], dtype, sharding: jax.sharding.Sharding, fill) -> jax.Array:
+    """A global array built shard by shard on this process, never whole: `fill(shards)` gets a list of
+    (index, out) pairs, one per addressable device (index: a tuple of slices with start/stop set; out: a new numpy
+    array of that shard's shape and `dtype`) and writes every `out`; each is then placed on its device (CPU
+    backends alias it, others copy it). Host memory: this process's shards of one array."""
+    index_map = sharding.addressable_devices_indices_map(tuple(shape))
+    shards = []
+    for device, index in index_map.items():
+        index = tuple(slice(*sl.indices(n)[:2]) for sl, n in zip(index, shape))
+        shards.append((device, index, np.empty(tuple(sl.stop - sl.start for sl in index), dtype)))
+    fill([(index, out) for _, index, out in shards])
+    arrays = [jax.device_put(out, device) for device, _, out in shards]
+    return jax.make_array_from_single_device_arrays(tuple(shape), sharding, arrays)
 
 
 def fetch(tree):

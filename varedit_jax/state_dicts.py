@@ -4,6 +4,10 @@ Sources: a `.safetensors` file; a Hugging Face folder (`model.safetensors`, or s
 `*.safetensors.index.json`); a `.pth` / `.pt` / `.bin` file read with `torch.load(weights_only=True)` (the `torch`
 extra), either a flat state dict or one nested in a trainer checkpoint (e.g. `['vae']`, `['ema']`,
 `['trainer']['gpt_fsdp']`). Arrays come back as numpy (bf16 as `ml_dtypes.bfloat16`), dtypes preserved.
+
+`open_state_dict` reads nothing but the index: it maps names to `Tensor`s (shape, dtype, `read()`), so a loader can
+hold one tensor at a time (safetensors: each tensor read from its byte range; `.pth`: memory-mapped by torch).
+`read_state_dict` reads them all.
 """
 import json
 import os
@@ -14,7 +18,6 @@ from typing import Callable, Iterable, Mapping, Sequence
 import jax
 import ml_dtypes
 import numpy as np
-import safetensors
 import safetensors.numpy
 
 from varedit_jax import storage
@@ -66,55 +69,114 @@ def _find_nested(obj, nested: Sequence[Sequence[str]], path: str) -> Mapping:
                             f"{[list(k) for k in nested]}; top-level keys: {top}")
 
 
-def read_state_dict(path: str | os.PathLike, nested: Sequence[Sequence[str]] = (),
-                    keep: Callable[[str], bool] | None = None) -> StateDict:
-    """Reads a state dict from a file or HF folder.
+class Tensor:
+    """One tensor of a state dict, read on demand: `shape`, `dtype`, `read()` -> a new numpy array."""
 
-    nested: key paths to try inside trainer checkpoints (e.g. [("vae",), ("ema",)]).
-    keep: an optional predicate on names; safetensors tensors it rejects are never read (e.g. a T5 decoder).
-    Unreadable or corrupt files raise ValueError naming the file.
-    """
-    path = pathlib.Path(path).expanduser()
-    try:
-        out = _read(path, nested, keep or (lambda name: True))
-    except (StateDictMismatch, FileNotFoundError, ImportError, ValueError):
-        raise
-    except Exception as e:  # safetensors / torch raise their own types for corrupt files
-        raise ValueError(f"cannot read weights {path}: {type(e).__name__}: {e}") from e
+    def __init__(self, shape: tuple[int, ...], dtype, read: Callable[[], np.ndarray]):
+        self.shape, self.dtype, self._read = tuple(shape), np.dtype(dtype), read
+
+    def read(self) -> np.ndarray:
+        return self._read()
+
+
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+                       "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+                       "BOOL": np.bool_}
+
+
+def _safetensors_index(path: pathlib.Path) -> dict[str, Tensor]:
+    """The tensors of a .safetensors file from its header (8-byte little-endian length, then JSON)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 2 <= n <= 100 * 2 ** 20:
+            raise ValueError(f"{path}: not a safetensors file (header length {n})")
+        header = json.loads(f.read(n))
+    base, size = 8 + n, path.stat().st_size
+
+    def reader(dtype, shape, start: int, end: int):
+        def read() -> np.ndarray:
+            out = np.empty(shape, dtype)
+            if out.nbytes != end - start or base + end > size:
+                raise ValueError(f"{path}: tensor data out of range (a truncated file?)")
+            with open(path, "rb") as f:
+                f.seek(base + start)
+                if f.readinto(memoryview(out.reshape(-1)).cast("B")) != out.nbytes:
+                    raise ValueError(f"{path}: truncated tensor data")
+            return out
+        return read
+
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has unsupported dtype {meta['dtype']}")
+        dtype, shape = _SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"])
+        out[name] = Tensor(shape, dtype, reader(dtype, shape, *meta["data_offsets"]))
     return out
 
 
-def _read_safetensors(path: pathlib.Path, keep: Callable[[str], bool]) -> StateDict:
-    with safetensors.safe_open(path, framework="numpy") as f:
-        return {k: f.get_tensor(k) for k in f.keys() if keep(k)}
+def _torch_index(path: pathlib.Path, nested: Sequence[Sequence[str]]) -> dict[str, Tensor]:
+    torch = _torch()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    tensors = _find_nested(obj, nested, str(path))
+    return {k: Tensor(tuple(t.shape), _tensor_to_numpy(t.reshape(-1)[:0]).dtype,
+                      (lambda t=t: np.array(_tensor_to_numpy(t)))) for k, t in tensors.items()}
 
 
-def _read(path: pathlib.Path, nested: Sequence[Sequence[str]], keep: Callable[[str], bool]) -> StateDict:
+def _index(path: pathlib.Path, nested: Sequence[Sequence[str]]) -> dict[str, Tensor]:
     if path.is_dir():
         index = sorted(path.glob("*.safetensors.index.json"))
         if index:
-            weight_map = {k: v for k, v in json.loads(index[0].read_text())["weight_map"].items() if keep(k)}
-            out: StateDict = {}
+            weight_map = json.loads(index[0].read_text())["weight_map"]
+            out: dict[str, Tensor] = {}
             for shard in sorted(set(weight_map.values())):
-                out.update(_read_safetensors(path / shard, keep))
+                out.update(_safetensors_index(path / shard))
             missing = sorted(set(weight_map) - set(out))
             if missing:
                 raise StateDictMismatch(f"{index[0]}: keys listed in the index but absent from shards: {missing[:10]}")
             return out
         files = sorted(path.glob("*.safetensors"))
         if len(files) == 1:
-            return _read_safetensors(files[0], keep)
+            return _safetensors_index(files[0])
         raise FileNotFoundError(f"{path}: expected one *.safetensors file or a *.safetensors.index.json, "
                                 f"found {[f.name for f in files]}")
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}")
     if path.suffix == ".safetensors":
-        return _read_safetensors(path, keep)
+        return _safetensors_index(path)
     if path.suffix in TORCH_SUFFIXES:
-        obj = _torch().load(path, map_location="cpu", weights_only=True)
-        return {k: _tensor_to_numpy(v) for k, v in _find_nested(obj, nested, str(path)).items() if keep(k)}
+        return _torch_index(path, nested)
     raise ValueError(f"{path}: unknown weights format {path.suffix!r} (expected .safetensors, "
                      f"{', '.join(TORCH_SUFFIXES)} or a folder)")
+
+
+def _named_errors(path, fn):
+    try:
+        return fn()
+    except (StateDictMismatch, FileNotFoundError, ImportError, ValueError):
+        raise
+    except Exception as e:  # safetensors / torch raise their own types for corrupt files
+        raise ValueError(f"cannot read weights {path}: {type(e).__name__}: {e}") from e
+
+
+def open_state_dict(path: str | os.PathLike, nested: Sequence[Sequence[str]] = ()) -> dict[str, Tensor]:
+    """name -> `Tensor` of a state dict file or HF folder (see the module docstring); nothing is read yet.
+    nested: key paths to try inside trainer checkpoints (e.g. [("vae",), ("ema",)])."""
+    path = pathlib.Path(path).expanduser()
+    return _named_errors(path, lambda: _index(path, nested))
+
+
+def read_state_dict(path: str | os.PathLike, nested: Sequence[Sequence[str]] = (),
+                    keep: Callable[[str], bool] | None = None) -> StateDict:
+    """Reads a state dict from a file or HF folder (`open_state_dict`, then every tensor `keep` accepts: the
+    others are never read, e.g. a T5 decoder). Unreadable or corrupt files raise ValueError naming the file."""
+    index = open_state_dict(path, nested)
+    keep = keep or (lambda name: True)
+    return _named_errors(path, lambda: {k: t.read() for k, t in index.items() if keep(k)})
 
 
 def _is_float(dtype) -> bool:
@@ -139,8 +201,14 @@ def check_values(sd: Mapping[str, np.ndarray], what: str, int_keys: Iterable[str
 
 def check_state_dict(got: Mapping[str, np.ndarray], expected: Mapping[str, Iterable[int]], what: str,
                      int_keys: Iterable[str] = ()) -> None:
-    """Raises StateDictMismatch naming missing / unexpected keys and the first shape mismatch, then
-    `check_values` (dtypes, NaN / inf)."""
+    """`check_shapes`, then `check_values` (dtypes, NaN / inf)."""
+    check_shapes(got, expected, what)
+    check_values(got, what, int_keys)
+
+
+def check_shapes(got: Mapping, expected: Mapping[str, Iterable[int]], what: str) -> None:
+    """Raises StateDictMismatch naming missing / unexpected keys and the first shape mismatch (`got`: arrays or
+    `Tensor`s: only shapes are looked at)."""
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     shape_bad = [(k, tuple(got[k].shape), tuple(expected[k])) for k in expected
@@ -156,7 +224,6 @@ def check_state_dict(got: Mapping[str, np.ndarray], expected: Mapping[str, Itera
             k, g, e = shape_bad[0]
             lines.append(f"  first shape mismatch: {k}: got {g}, expected {e} ({len(shape_bad)} in all)")
         raise StateDictMismatch("\n".join(lines))
-    check_values(got, what, int_keys)
 
 
 def require_keys(sd: Mapping[str, np.ndarray], keys: Sequence[str], what: str, kind: str) -> None:

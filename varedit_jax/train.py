@@ -100,8 +100,15 @@ class Trainer:
         return TrainState(step=zero, params=params, opt_state=self.tx.init(params), ema=ema, bad_steps=zero,
                           skipped=zero)
 
+    def init_params_fn(self):
+        """The run's random init (`config.seed`) as one jitted program whose outputs are the parameter shardings:
+        no device ever holds the whole model. Call it for the params (or lower it for its memory analysis)."""
+        model_cfg, seed = self.config.model, self.config.seed
+        return jax.jit(lambda: transformer.param_dict(transformer.Infinity(model_cfg, rngs=nnx.Rngs(seed))),
+                       out_shardings=self.param_shardings)
+
     def init_state(self, params) -> TrainState:
-        """A fresh TrainState from a param dict (sharded as the rules say)."""
+        """A fresh TrainState from a param dict (placed as the rules say unless it is already)."""
         params = sharding.place(params, self.param_shardings)
         return jax.jit(self.init_state_fn, out_shardings=self.state_shardings)(params)
 
@@ -242,7 +249,7 @@ def _open_run(config: ml_collections.ConfigDict, workdir: epath.Path) -> tuple[R
     if state is not None:
         print(f"resumed {workdir} at step {int(jax.device_get(state.step))}", flush=True)
     else:
-        state = trainer.init_state(loading.load_init_params(config))
+        state = trainer.init_state(loading.load_init_params(config, trainer.init_params_fn()()))
     trainer.check_sharding(state)
     start = int(jax.device_get(state.step))
     run = Run(config, workdir, trainer, trainer.place_frozen(image_tok, text_encoder),
@@ -402,10 +409,13 @@ def evaluate(run: Run, params) -> dict:
 
 
 def sample_grid(run: Run, params, path: epath.Path) -> epath.Path:
-    """Edits the first `sample_count` held-out pairs with the current params; writes source | instruction | output |
-    target rows to `path`. Collective: every process edits (the sampler spans all devices), process 0 writes."""
+    """Edits the first `sample_count` held-out pairs with the current params, in their training shardings (no
+    gathered copy); writes source | instruction | output | target rows to `path`. Collective: every process edits
+    (the sampler spans all devices), process 0 writes."""
     config = run.config
-    edit = editor.Editor(config, sharding.fetch(params), *run.models)
+    graphdefs = (run.trainer.frozen.image_tokenizer, run.trainer.frozen.text_encoder)
+    frozen = (nnx.merge(g, s) for g, s in zip(graphdefs, run.frozen_states))
+    edit = editor.Editor(config, params, *frozen, run.models[2], mesh=run.trainer.mesh, rules=config.mesh.rules)
     pairs = list(itertools.islice(records.iter_records(config.eval_data.paths), config.sample_count))
     sources = [images.decode(p["source"]) for p in pairs]
     outputs = edit.edit(sources, [p["instruction"] for p in pairs], preprocess="train")
@@ -416,6 +426,10 @@ def sample_grid(run: Run, params, path: epath.Path) -> epath.Path:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, run_lock.WorkdirLocked, storage.StorageError)  # exit 2
+RUN_ERRORS = (FloatingPointError, data.TooMuchBadData)  # the run stopped itself (saved first): exit 1
+
+
 def main(argv, config: ml_collections.ConfigDict | None, workdir: str | None, **options) -> int:
     """The CLI: `options` = `distributed.init_distributed`'s keywords (auto, coordinator, num_processes, process_id)."""
     logging.set_verbosity(logging.WARNING)
@@ -426,12 +440,12 @@ def main(argv, config: ml_collections.ConfigDict | None, workdir: str | None, **
         print("error: --config and --workdir are required", file=sys.stderr)
         return 2
     try:
-        distributed.init_distributed(config, **options)
+        distributed.init_distributed([config], **options)
         train(config, workdir)
-    except (ValueError, FileNotFoundError, KeyError, run_lock.WorkdirLocked, storage.StorageError) as e:
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FloatingPointError, data.TooMuchBadData) as e:
+    except RUN_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

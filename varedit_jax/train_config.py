@@ -49,6 +49,7 @@ def default_config(model: ml_collections.ConfigDict, *, conditioning: str | None
     c.keep_checkpoints = 3
     c.keep_period = 0                    # also keep every keep_period-th step (milestones; 0: none)
     c.init_checkpoint = ""               # Infinity / VAREdit weights or checkpoint to start from (stage 1 / stage 2)
+    c.init_weights = "params"            # of a training checkpoint: "params", or "ema" (its EMA, when it kept one)
     c.max_nonfinite_steps = 20
     c.watchdog = watchdog.default_config()  # a step > factor x the median (after warm-up) is a hang: exit 75
     c.log_every = 10
@@ -100,4 +101,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"mesh.slices must be >= 1, got {config.mesh.slices}")
     if config.data.pn != config.pn:
         raise ValueError(f"data.pn {config.data.pn} != pn {config.pn}")
+    if config.init_weights not in ("params", "ema"):
+        raise ValueError(f"init_weights must be 'params' or 'ema', got {config.init_weights!r}")
     optim.validate(config.optim)

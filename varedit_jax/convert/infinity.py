@@ -36,6 +36,8 @@ import numpy as np
 from flax import nnx
 
 from varedit_jax import configlib, state_dicts, transformer
+from varedit_jax import params as params_lib
+from varedit_jax import sharding as sharding_lib
 from varedit_jax.params import get_path, set_path
 
 KINDS = ("infinity", "varedit")
@@ -161,14 +163,18 @@ def _to_official(x: np.ndarray, how: str, shape: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(shape))
 
 
+def _official_view(x: np.ndarray, how: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Official tensor -> the parameter of `shape` as a view of it (no copy, dtype kept)."""
+    if how == "linear":
+        return x.T
+    if how == "split":
+        return x.T.reshape(shape)
+    return x.reshape(shape)
+
+
 def _from_official(x: np.ndarray, how: str, shape: tuple[int, ...]) -> np.ndarray:
     """Official tensor -> float32 parameter of `shape`."""
-    x = np.asarray(x, np.float32)
-    if how == "linear":
-        return np.ascontiguousarray(x.T)
-    if how == "split":
-        return np.ascontiguousarray(x.T.reshape(shape))
-    return np.ascontiguousarray(x.reshape(shape))
+    return np.ascontiguousarray(_official_view(np.asarray(x, np.float32), how, shape))
 
 
 
@@ -272,6 +278,73 @@ def import_weights(src, config: ml_collections.ConfigDict | None = None, *, kind
             for b, value in enumerate(per_block):
                 set_path(params, ("blocks", b) + path, value)
     return _full_config(kind, model_cfg, conditioning, extra), params
+
+
+def import_sharded(src, target: dict) -> tuple[dict, list[str]]:
+    """Official weights -> the parameters of `target` (a param tree of ShapeDtypeStructs with shardings) whose path
+    and shape the file has, as global arrays read tensor by tensor and placed shard by shard
+    (`sharding.assemble`): host memory holds one official tensor and this process's shards of one parameter, never
+    the model. Returns ({"a/b/c": array}, the paths left out with why); `cfg_uncond` keeps the target's rows."""
+    what = str(src)
+    sd = state_dicts.open_state_dict(src, nested=NESTED)
+    m = infer_model_config(sd, what)
+    expected = _official_shapes(m)
+    state_dicts.check_shapes(sd, expected, what)
+    if any(np.any(sd[k].read() != 0) for k in sd if k.endswith("zero_k_bias")):
+        raise state_dicts.StateDictMismatch(f"{what}: buffers that must be zero are not")
+    top_shapes, block_shapes = param_shapes(m)
+    prefixes = [block_prefix(b, m.depth, m.block_chunks) for b in range(m.depth)]
+
+    def read(name: str, how: str, shape) -> np.ndarray:
+        x = sd[name].read()
+        state_dicts.check_values({name: x}, what)
+        return _official_view(x, how, shape)
+
+    loaded, dropped = {}, []
+    for name, leaf in params_lib.flat_leaves(target).items():
+        path = tuple(int(k) if k.isdigit() else k for k in name.split("/"))
+        try:
+            key, how = official_key(path)
+        except KeyError:
+            dropped.append(f"{name} (not in the file)")
+            continue
+        shape, stacked = tuple(leaf.shape), False
+        if path == ("cfg_uncond",):
+            have = (m.text_max_len, m.text_dim)
+            ok = shape[1] == have[1] and shape[0] <= have[0]
+            sources = [lambda: read("cfg_uncond", how, have)[:shape[0]]]
+        elif path[0] == "blocks" and isinstance(path[1], int):  # looped blocks: blocks/<b>/...
+            ok = path[1] < m.depth and shape == get_path(block_shapes, path[2:])
+            sources = [lambda: read(prefixes[path[1]] + key, how, shape)]
+        elif path[0] == "blocks":  # stacked blocks: (depth, ...)
+            ok, stacked = shape == (m.depth, *get_path(block_shapes, path[1:])), True
+            sources = [lambda p=p: read(p + key, how, shape[1:]) for p in prefixes]
+        else:
+            ok = shape == get_path(top_shapes, path)
+            sources = [lambda: read(key, how, shape)]
+        if not ok:
+            dropped.append(f"{name} {shape} (the file's model differs)")
+            continue
+        loaded[name] = sharding_lib.assemble(shape, leaf.dtype, leaf.sharding, _filler(sources, stacked=stacked))
+    return loaded, dropped
+
+
+def _filler(sources, *, stacked: bool):
+    """`sharding.assemble`'s fill over official tensors: `sources` are readers of the whole parameter, or of each
+    block of a stacked one (each read once, written into every shard that holds it)."""
+    def fill(shards):
+        if not stacked:
+            x = sources[0]()
+            for index, out in shards:
+                out[...] = x[index]
+            return
+        for b, source in enumerate(sources):
+            holding = [(index, out) for index, out in shards if index[0].start <= b < index[0].stop]
+            if holding:
+                x = source()
+                for index, out in holding:
+                    out[b - index[0].start] = x[index[1:]]
+    return fill
 
 
 def param_shapes(m: ml_collections.ConfigDict) -> tuple[dict, dict]:
