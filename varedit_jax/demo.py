@@ -1,0 +1,204 @@
+"""An interactive editing page over `editor.Editor` (Gradio, the `demo` extra).
+
+  python -m varedit_jax.demo --checkpoint CKPT [--image-tokenizer TOK] [--text-encoder DIR] \
+      [--host 127.0.0.1] [--port 7860] [--tensor N]
+
+The page: upload an image, type an instruction, choose resolution / guidance / tau / seed, press Edit; the edit and
+its time appear. Each edit continues from the current image (multi-turn); the history shows every turn, and "Back"
+(or clicking a turn) steps back to it. Bad input (no image, an empty instruction, a file that is not an image) is
+a message on the page; the server keeps serving.
+
+Batching: Gradio's queue hands the edit function up to `Editor.batch_size` (the data-parallel size) waiting
+requests at once; they are edited in one `Editor.edit` call per (resolution, guidance, tau) among them. A request's
+seed s is its sample index (key `fold_in(key(0), s)`), so its edit does not depend on what it was batched with.
+Nothing is fetched from outside the server: analytics off (no telemetry, no version check), system fonts, no share
+link.
+"""
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import numpy as np  # noqa: E402
+
+from varedit_jax import editor as editor_lib, images, sampler, schedules  # noqa: E402
+
+NO_IMAGE = "Upload an image first."
+NO_INSTRUCTION = "Type an instruction."
+
+
+def _gradio():
+    try:
+        import gradio as gr
+    except ImportError as e:
+        raise ImportError("the demo needs the demo extra: pip install 'varedit_jax[demo]'") from e
+    return gr
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One edit asked for on the page."""
+    image: np.ndarray | None  # uint8 (H, W, 3)
+    instruction: str
+    resolution: int | None
+    guidance: float
+    tau: float
+    seed: int
+
+    def problem(self) -> str | None:
+        if self.image is None:
+            return NO_IMAGE
+        if not (self.instruction or "").strip():
+            return NO_INSTRUCTION
+        return None
+
+
+def edit_requests(ed: editor_lib.Editor, requests: list[Request]) -> list[tuple[np.ndarray | None, str]]:
+    """(edited image or None, message) per request: the valid ones in one `Editor.edit` call per (resolution,
+    guidance, tau); an invalid request or a failed call is a message, never an exception."""
+    results: list = [(None, r.problem()) for r in requests]
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        if r.problem() is None:
+            groups.setdefault((r.resolution, float(r.guidance), float(r.tau)), []).append(i)
+    for (resolution, guidance, tau), members in groups.items():
+        t0 = time.perf_counter()
+        try:
+            out = ed.edit([requests[i].image for i in members], [requests[i].instruction for i in members],
+                          sampler.SamplingOptions(guidance=guidance, tau=tau, seed=0), resolution=resolution,
+                          indices=[int(requests[i].seed) for i in members])
+        except (ValueError, FloatingPointError, RuntimeError) as e:
+            for i in members:
+                results[i] = (None, f"Edit failed: {e}")
+            continue
+        took = time.perf_counter() - t0
+        for i, image in zip(members, out):
+            results[i] = (image, f"Edited in {took:.2f} s (batch of {len(members)}).")
+    return results
+
+
+def resolution_choices(ed: editor_lib.Editor) -> tuple[list[tuple[str, int]], int | None]:
+    """(dropdown choices (label, resolution), the default: the checkpoint's size class)."""
+    choices = []
+    for resolution, pn in schedules.RESOLUTION_TO_PN.items():
+        h, w = schedules.pixel_size(ed.schedule("1.0", resolution), ed.stride)
+        choices.append((f"{resolution} ({pn}: model canvas {w}x{h})", resolution))
+    default = next((r for r, pn in schedules.RESOLUTION_TO_PN.items() if pn == ed.config.get("pn")), choices[0][1])
+    return choices, default
+
+
+def load_upload(path: str | None):
+    """An uploaded file -> (current image, history [image], message); a file that is not an image is a message."""
+    if not path:
+        return None, [], ""
+    try:
+        image = images.read(path)
+    except (ValueError, FileNotFoundError) as e:
+        return None, [], f"Not an image: {os.path.basename(path)} ({e})."
+    return image, [image], ""
+
+
+def _gallery(history: list) -> list:
+    return [(im, "source" if t == 0 else f"turn {t}") for t, im in enumerate(history)]
+
+
+def build(ed: editor_lib.Editor):
+    """The page (a `gr.Blocks`, queued) over an Editor."""
+    gr = _gradio()
+    choices, default = resolution_choices(ed)
+
+    def edit_batch(current, instructions, resolutions, guidances, taus, seeds):
+        requests = [Request(None if im is None else editor_lib.as_uint8_image(im), text, res, g, tau, int(seed))
+                    for im, text, res, g, tau, seed in zip(current, instructions, resolutions, guidances, taus, seeds)]
+        out = edit_requests(ed, requests)
+        return [o[0] for o in out], [o[1] for o in out]
+
+    def push(history, edited):
+        history = list(history or [])
+        if edited is None or not history:
+            return history, _gallery(history), gr.update()
+        history.append(edited)
+        return history, _gallery(history), edited
+
+    def back(history, to: int | None = None):
+        history = list(history or [])
+        keep = max(1, len(history) - 1) if to is None else to + 1
+        history = history[:keep]
+        return history, _gallery(history), history[-1] if history else None
+
+    def select(history, event: gr.SelectData):
+        return back(history, int(event.index))
+
+    with gr.Blocks(analytics_enabled=False, title="VAREdit") as page:
+        gr.Markdown("## VAREdit: instruction-guided editing")
+        history = gr.State([])
+        with gr.Row():
+            with gr.Column():
+                upload = gr.File(label="Upload an image", file_types=["image"], type="filepath", elem_id="upload")
+                current = gr.Image(label="Current image (the next edit starts here)", type="numpy",
+                                   interactive=False, elem_id="current")
+                instruction = gr.Textbox(label="Instruction", placeholder="make the circle blue",
+                                         elem_id="instruction")
+                with gr.Row():
+                    resolution = gr.Dropdown(choices, value=default, label="Resolution", elem_id="resolution")
+                    seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="seed")
+                guidance = gr.Slider(1.0, 10.0, sampler.DEFAULT_GUIDANCE, step=0.5, label="Guidance")
+                tau = gr.Slider(0.05, 1.0, sampler.DEFAULT_TAU, step=0.05, label="Tau")
+                with gr.Row():
+                    edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
+                    back_button = gr.Button("Back", elem_id="back")
+            with gr.Column():
+                edited = gr.Image(label="Edit", type="numpy", interactive=False, elem_id="edited")
+                message = gr.Markdown(elem_id="message")
+                gallery = gr.Gallery(label="History (click a turn to step back to it)", columns=6,
+                                     elem_id="history")
+        upload.change(load_upload, upload, [current, history, message]).then(
+            lambda h: (_gallery(h), None), history, [gallery, edited])
+        edit_button.click(edit_batch, [current, instruction, resolution, guidance, tau, seed], [edited, message],
+                          batch=True, max_batch_size=ed.batch_size, concurrency_limit=1).then(
+            push, [history, edited], [history, gallery, current])
+        back_button.click(back, history, [history, gallery, current])
+        gallery.select(select, history, [history, gallery, current])
+    return page.queue(default_concurrency_limit=1)
+
+
+def serve(ed: editor_lib.Editor, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True):
+    """Builds the page and serves it on host:port (returns the running page when `block` is False)."""
+    gr = _gradio()
+    page = build(ed)
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])  # system fonts: nothing fetched
+    page.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
+                quiet=not block, theme=theme, footer_links=[], ssr_mode=False, pwa=False, mcp_server=False)
+    return page
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m varedit_jax.demo", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="transformer checkpoint / workdir / official weights")
+    p.add_argument("--image-tokenizer", help="image tokenizer (default: the checkpoint config's)")
+    p.add_argument("--text-encoder", help="text encoder (default: the checkpoint config's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--tensor", type=int, default=1, help="devices per model replica (8B)")
+    args = p.parse_args(argv)
+    try:
+        _gradio()
+        ed = editor_lib.Editor.from_checkpoint(args.checkpoint, args.image_tokenizer, args.text_encoder,
+                                               tensor=args.tensor)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"serving {args.checkpoint} on http://{args.host}:{args.port} (batches of up to {ed.batch_size})",
+          flush=True)
+    serve(ed, args.host, args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
