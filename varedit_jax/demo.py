@@ -11,7 +11,7 @@ a message on the page; the server keeps serving.
 Batching: Gradio's queue hands the edit function up to `Editor.batch_size` (the data-parallel size) waiting
 requests at once; they are edited in one `Editor.edit` call per (resolution, guidance, tau) among them. A request's
 seed s is its sample index (key `fold_in(key(0), s)`), so its edit does not depend on what it was batched with.
-Nothing is fetched from outside the server: analytics off (no telemetry, no version check), system fonts, no share
+Images travel as PNG (lossless: a later turn edits exactly the pixels shown). Nothing is fetched from outside the server: analytics off (no telemetry, no version check), system fonts, no share
 link.
 """
 import argparse
@@ -98,8 +98,8 @@ def load_upload(path: str | None):
         return None, [], ""
     try:
         image = images.read(path)
-    except (ValueError, FileNotFoundError) as e:
-        return None, [], f"Not an image: {os.path.basename(path)} ({e})."
+    except (ValueError, FileNotFoundError):
+        return None, [], f"Not an image: {os.path.basename(path)} cannot be read as one."
     return image, [image], ""
 
 
@@ -141,7 +141,7 @@ def build(ed: editor_lib.Editor):
             with gr.Column():
                 upload = gr.File(label="Upload an image", file_types=["image"], type="filepath", elem_id="upload")
                 current = gr.Image(label="Current image (the next edit starts here)", type="numpy",
-                                   interactive=False, elem_id="current")
+                                   format="png", interactive=False, elem_id="current")
                 instruction = gr.Textbox(label="Instruction", placeholder="make the circle blue",
                                          elem_id="instruction")
                 with gr.Row():
@@ -153,9 +153,9 @@ def build(ed: editor_lib.Editor):
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
                     back_button = gr.Button("Back", elem_id="back")
             with gr.Column():
-                edited = gr.Image(label="Edit", type="numpy", interactive=False, elem_id="edited")
+                edited = gr.Image(label="Edit", type="numpy", format="png", interactive=False, elem_id="edited")
                 message = gr.Markdown(elem_id="message")
-                gallery = gr.Gallery(label="History (click a turn to step back to it)", columns=6,
+                gallery = gr.Gallery(label="History (click a turn to step back to it)", columns=6, format="png",
                                      elem_id="history")
         upload.change(load_upload, upload, [current, history, message]).then(
             lambda h: (_gallery(h), None), history, [gallery, edited])
