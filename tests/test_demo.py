@@ -104,13 +104,15 @@ def _wait_for(chrome, what, timeout=120):
     return WebDriverWait(chrome, timeout, poll_frequency=0.2).until(lambda c: what(c))
 
 
-def _edit(chrome, instruction: str) -> str:
+def _edit(chrome, instruction: str, done=None) -> str:
+    """Types the instruction, presses Edit and returns the message once it changed (or once `done(chrome)`)."""
     box = chrome.find_element(By.CSS_SELECTOR, "#instruction textarea")
     box.send_keys(Keys.CONTROL, "a")  # typed, not `clear()`: the page sees every change
     box.send_keys(Keys.BACKSPACE, instruction)
     before = _text(chrome, "message")
     chrome.find_element(By.ID, "edit").click()
-    return _wait_for(chrome, lambda c: (m := _text(c, "message")) != before and m)
+    _wait_for(chrome, done or (lambda c: _text(c, "message") not in ("", before)))
+    return _text(chrome, "message")
 
 
 def _image_size(chrome, elem_id: str):
@@ -120,7 +122,7 @@ def _image_size(chrome, elem_id: str):
 
 
 def _history_len(chrome) -> int:
-    return len(chrome.find_elements(By.CSS_SELECTOR, "#history button.thumbnail-item"))
+    return len(chrome.find_elements(By.CSS_SELECTOR, "#history .caption-label"))  # one caption per turn
 
 
 def test_the_page_edits_in_a_browser_with_history_and_messages(server, browser, tmp_path):
@@ -139,13 +141,15 @@ def test_the_page_edits_in_a_browser_with_history_and_messages(server, browser, 
     assert _wait_for(chrome, lambda c: _image_size(c, "current")) == list(SIZE)
     assert _edit(chrome, "") == demo.NO_INSTRUCTION
     n_calls = len(calls)
-    assert _edit(chrome, "make the square blue").startswith("Edited in")
+    assert _edit(chrome, "make the square blue", lambda c: _history_len(c) == 2).startswith("Edited in")
     assert _wait_for(chrome, lambda c: _image_size(c, "edited")) == list(SIZE)
+    # turn 2 edits turn 1's output
+    assert _edit(chrome, "make the square green", lambda c: _history_len(c) == 3).startswith("Edited in")
+    assert len(calls) == n_calls + 2
+    chrome.find_element(By.ID, "back").click()  # step back: turn 1 is the current image again
     assert _wait_for(chrome, lambda c: _history_len(c) == 2)
-    assert _edit(chrome, "make the square green").startswith("Edited in")  # turn 2 edits turn 1's output
-    assert _wait_for(chrome, lambda c: _history_len(c) == 3) and len(calls) == n_calls + 2
-    chrome.find_element(By.ID, "back").click()
-    assert _wait_for(chrome, lambda c: _history_len(c) == 2)
+    chrome.find_elements(By.CSS_SELECTOR, "#history button.thumbnail-item")[0].click()  # back to the source
+    assert _wait_for(chrome, lambda c: _history_len(c) == 1)
     # nothing but the server was asked for (fonts, scripts, analytics: all from 127.0.0.1 or nowhere)
     events = [json.loads(entry["message"])["message"] for entry in chrome.get_log("performance")]
     asked = {e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"}

@@ -193,7 +193,7 @@ def load_config(path: str | pathlib.Path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(migrate(first_intact(path, read)[1]))
 
 
-def _stored_weights(step_dir: pathlib.Path, weights: str, what: str):
+def _stored_weights(step_dir: pathlib.Path, weights: str):
     """(item name, stored metadata tree) of the params, or of the EMA inside the train_state item."""
     if weights == PARAMS:
         return PARAMS, ocp.StandardCheckpointHandler().metadata(step_dir / PARAMS)
@@ -204,7 +204,7 @@ def _stored_weights(step_dir: pathlib.Path, weights: str, what: str):
         if ema is not None:
             return TRAIN_STATE, ema
         why = "the run kept no EMA (optim.ema_decay was 0)"
-    raise NoEMA(f"{what}: no EMA weights: {why}; use the params (--weights params)")
+    raise NoEMA(f"{step_dir}: no EMA weights: {why}; use the params (--weights params)")
 
 
 def load(path: str | pathlib.Path, abstract_params: Any = None, *,
@@ -218,7 +218,7 @@ def load(path: str | pathlib.Path, abstract_params: Any = None, *,
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
 
     def read(root, step):
-        item, stored = _stored_weights(root / str(step), weights, f"{root / str(step)}")
+        item, stored = _stored_weights(root / str(step), weights)
         if abstract_params is None:
             local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), stored)

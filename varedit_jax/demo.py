@@ -11,13 +11,14 @@ a message on the page; the server keeps serving.
 Batching: Gradio's queue hands the edit function up to `Editor.batch_size` (the data-parallel size) waiting
 requests at once; they are edited in one `Editor.edit` call per (resolution, guidance, tau) among them. A request's
 seed s is its sample index (key `fold_in(key(0), s)`), so its edit does not depend on what it was batched with.
-Images travel as PNG (lossless: a later turn edits exactly the pixels shown). Nothing is fetched from outside the server: analytics off (no telemetry, no version check), system fonts, no share
-link.
+Images travel as PNG files (lossless: a later turn edits exactly the pixels shown). Nothing is fetched from
+outside the server: analytics off (no telemetry, no version check), system fonts, no share link.
 """
 import argparse
 import dataclasses
 import os
 import sys
+import tempfile
 import time
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # before gradio is imported: no telemetry, no version check
@@ -42,20 +43,31 @@ def _gradio():
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One edit asked for on the page."""
+    """One edit asked for on the page (error: why its image could not be read)."""
     image: np.ndarray | None  # uint8 (H, W, 3)
     instruction: str
     resolution: int | None
     guidance: float
     tau: float
     seed: int
+    error: str | None = None
 
     def problem(self) -> str | None:
-        if self.image is None:
-            return NO_IMAGE
+        if self.error or self.image is None:
+            return self.error or NO_IMAGE
         if not (self.instruction or "").strip():
             return NO_INSTRUCTION
         return None
+
+
+def read_image(path: str | None) -> tuple[np.ndarray | None, str | None]:
+    """(uint8 image, None), (None, why it is not an image), or (None, None) without a file."""
+    if not path:
+        return None, None
+    try:
+        return images.read(path), None
+    except (ValueError, FileNotFoundError):
+        return None, f"Not an image: {os.path.basename(path)} cannot be read as one."
 
 
 def edit_requests(ed: editor_lib.Editor, requests: list[Request]) -> list[tuple[np.ndarray | None, str]]:
@@ -92,43 +104,54 @@ def resolution_choices(ed: editor_lib.Editor) -> tuple[list[tuple[str, int]], in
     return choices, default
 
 
-def load_upload(path: str | None):
-    """An uploaded file -> (current image, history [image], message); a file that is not an image is a message."""
-    if not path:
-        return None, [], ""
-    try:
-        image = images.read(path)
-    except (ValueError, FileNotFoundError):
-        return None, [], f"Not an image: {os.path.basename(path)} cannot be read as one."
-    return image, [image], ""
+def save_png(image: np.ndarray, folder: str) -> str:
+    """An image as FOLDER/<pixel hash>.png (written once, atomically): what the page shows and reads back, losslessly
+    (Gradio copies such files into its cache once; it rewrites the arrays it encodes itself, racing the browser)."""
+    path = os.path.join(folder, images.pixel_hash(image)[:32] + ".png")
+    if not os.path.exists(path):
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(images.png_bytes(image))
+        os.replace(tmp, path)
+    return path
 
 
-def _gallery(history: list) -> list:
-    return [(im, "source" if t == 0 else f"turn {t}") for t, im in enumerate(history)]
+def _gallery(history: list[str]) -> list:
+    return [(path, "source" if t == 0 else f"turn {t}") for t, path in enumerate(history)]
 
 
 def build(ed: editor_lib.Editor):
-    """The page (a `gr.Blocks`, queued) over an Editor."""
+    """The page (a `gr.Blocks`, queued) over an Editor. Images travel as PNG files (see `save_png`); the history is
+    the session's list of them (source first)."""
     gr = _gradio()
     choices, default = resolution_choices(ed)
+    folder = tempfile.mkdtemp(prefix="varedit_demo_")
+
+    def load_upload(path):
+        """An uploaded file -> (current image, history, gallery, edit, message); not an image: a message."""
+        image, error = read_image(path)
+        if image is None:
+            return None, [], [], None, error or ""
+        image = save_png(image, folder)
+        return image, [image], _gallery([image]), None, ""
 
     def edit_batch(current, instructions, resolutions, guidances, taus, seeds):
-        requests = [Request(None if im is None else editor_lib.as_uint8_image(im), text, res, g, tau, int(seed))
-                    for im, text, res, g, tau, seed in zip(current, instructions, resolutions, guidances, taus, seeds)]
+        """Lists (one entry per queued request) in, lists out; one request's bad input never fails the others."""
+        requests = []
+        for path, text, res, g, tau, seed in zip(current, instructions, resolutions, guidances, taus, seeds):
+            image, error = read_image(path)
+            requests.append(Request(image, text, res, g, tau, int(seed or 0), error))
         out = edit_requests(ed, requests)
-        return [o[0] for o in out], [o[1] for o in out]
+        return [None if im is None else save_png(im, folder) for im, _ in out], [message for _, message in out]
 
     def push(history, edited):
-        history = list(history or [])
         if edited is None or not history:
             return history, _gallery(history), gr.update()
-        history.append(edited)
+        history = history + [edited]
         return history, _gallery(history), edited
 
     def back(history, to: int | None = None):
-        history = list(history or [])
-        keep = max(1, len(history) - 1) if to is None else to + 1
-        history = history[:keep]
+        history = history[:max(1, len(history) - 1) if to is None else to + 1]
         return history, _gallery(history), history[-1] if history else None
 
     def select(history, event: gr.SelectData):
@@ -140,8 +163,8 @@ def build(ed: editor_lib.Editor):
         with gr.Row():
             with gr.Column():
                 upload = gr.File(label="Upload an image", file_types=["image"], type="filepath", elem_id="upload")
-                current = gr.Image(label="Current image (the next edit starts here)", type="numpy",
-                                   format="png", interactive=False, elem_id="current")
+                current = gr.Image(label="Current image (the next edit starts here)", type="filepath", height=280,
+                                   interactive=False, elem_id="current")
                 instruction = gr.Textbox(label="Instruction", placeholder="make the circle blue",
                                          elem_id="instruction")
                 with gr.Row():
@@ -153,15 +176,14 @@ def build(ed: editor_lib.Editor):
                     edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
                     back_button = gr.Button("Back", elem_id="back")
             with gr.Column():
-                edited = gr.Image(label="Edit", type="numpy", format="png", interactive=False, elem_id="edited")
+                edited = gr.Image(label="Edit", type="filepath", height=280, interactive=False, elem_id="edited")
                 message = gr.Markdown(elem_id="message")
-                gallery = gr.Gallery(label="History (click a turn to step back to it)", columns=6, format="png",
+                gallery = gr.Gallery(label="History (click a turn to step back to it)", columns=6,
                                      elem_id="history")
-        upload.change(load_upload, upload, [current, history, message]).then(
-            lambda h: (_gallery(h), None), history, [gallery, edited])
+        upload.change(load_upload, upload, [current, history, gallery, edited, message])
         edit_button.click(edit_batch, [current, instruction, resolution, guidance, tau, seed], [edited, message],
-                          batch=True, max_batch_size=ed.batch_size, concurrency_limit=1).then(
-            push, [history, edited], [history, gallery, current])
+                          batch=True, max_batch_size=ed.batch_size, concurrency_limit=1,
+                          show_progress_on=[edited]).then(push, [history, edited], [history, gallery, current])
         back_button.click(back, history, [history, gallery, current])
         gallery.select(select, history, [history, gallery, current])
     return page.queue(default_concurrency_limit=1)
@@ -173,8 +195,9 @@ def serve(ed: editor_lib.Editor, host: str = "127.0.0.1", port: int = 7860, *, b
     page = build(ed)
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])  # system fonts: nothing fetched
+    css = "#current img, #edited img {width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated}"
     page.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
-                quiet=not block, theme=theme, footer_links=[], ssr_mode=False, pwa=False, mcp_server=False)
+                quiet=not block, theme=theme, css=css, footer_links=[], ssr_mode=False, pwa=False, mcp_server=False)
     return page
 
 

@@ -81,14 +81,13 @@ def _tokenizer(config, path: str | None, out: pathlib.Path, dtype: str):
 def export(args) -> None:
     """The `export` command: weights (+ model.json and the image tokenizer for a transformer)."""
     out = pathlib.Path(args.out).expanduser()
-    config = checkpoint.load_config(args.checkpoint)
+    step, config, params, which = _load_weights(args.checkpoint, args.weights)
     is_transformer = config.get("kind") in infinity.KINDS
     if is_transformer and not args.force and (problems := bundle.serving_problems(config)):
         raise bundle.NotServable("the official code cannot serve this model: " + "; ".join(problems) +
                                  " (--force exports it anyway)")
     if args.with_tokenizer and not is_transformer:
         raise ValueError(f"--with-tokenizer goes with a transformer checkpoint, not {config.get('kind')!r}")
-    step, config, params, which = _load_weights(args.checkpoint, args.weights)
     state_dict = _cast(family(config.kind).export_weights(config, params), args.dtype)
     tokenizer = _tokenizer(config, args.image_tokenizer, out, args.dtype) if args.with_tokenizer else None
     path = state_dicts.write_state_dict(out, state_dict)
