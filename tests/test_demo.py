@@ -5,15 +5,11 @@ batching two concurrent requests into one `Editor.edit` call."""
 import json
 import shutil
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 from PIL import Image
-
-from helpers import REPO_ROOT
 
 pytest.importorskip("gradio", reason="the demo needs the demo extra")
 webdriver = pytest.importorskip("selenium.webdriver", reason="browser tests need selenium (test extra)")
@@ -157,7 +153,6 @@ def test_the_page_edits_in_a_browser_with_history_and_messages(server, browser, 
     assert web == {url.split("/")[2]}  # (the browser's own chrome:// pages and data: / blob: URLs aside)
 
 
-def test_cli_refuses_a_missing_checkpoint(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "varedit_jax.demo", "--checkpoint", str(tmp_path / "missing")],
-                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and "no transformer weights or checkpoint" in r.stderr
+def test_cli_refuses_a_missing_checkpoint(tmp_path, capsys):
+    assert demo.main(["--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "no transformer weights or checkpoint" in capsys.readouterr().err

@@ -17,6 +17,7 @@ outside the server: analytics off (no telemetry, no version check), system fonts
 import argparse
 import dataclasses
 import os
+import pathlib
 import sys
 import tempfile
 import time
@@ -27,7 +28,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import numpy as np  # noqa: E402
 
-from varedit_jax import editor as editor_lib, images, sampler, schedules  # noqa: E402
+from varedit_jax import editor as editor_lib, images, sampler, schedules, state_dicts  # noqa: E402
 
 NO_IMAGE = "Upload an image first."
 NO_INSTRUCTION = "Type an instruction."
@@ -109,10 +110,7 @@ def save_png(image: np.ndarray, folder: str) -> str:
     (Gradio copies such files into its cache once; it rewrites the arrays it encodes itself, racing the browser)."""
     path = os.path.join(folder, images.pixel_hash(image)[:32] + ".png")
     if not os.path.exists(path):
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(images.png_bytes(image))
-        os.replace(tmp, path)
+        state_dicts.atomic_write(path, lambda tmp: pathlib.Path(tmp).write_bytes(images.png_bytes(image)))
     return path
 
 
