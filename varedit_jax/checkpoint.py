@@ -3,11 +3,13 @@
 Layout (an orbax CheckpointManager directory):
   ROOT/<step>/params/       the model's parameter tree (nested dict of arrays, `nnx.to_pure_dict` of the Param state)
   ROOT/<step>/config/       the full config as JSON (so every checkpoint can be used with no other flags)
-  ROOT/<step>/train_state/  training only: optimizer state, EMA and the non-finite counters
+  ROOT/<step>/train_state/  training only: optimizer state, EMA ("ema": the params' tree, or None when the run kept
+                            none) and the non-finite counters
   ROOT/<step>/data/         training only: the grain iterator state (one file per process)
   ROOT/<step>/run/          training only: the git commit, process and device counts of the run (`run_info`)
 A training workdir keeps its manager under WORKDIR/checkpoints (`TrainCheckpoints`). `resolve` accepts a manager
 root, a workdir (newest step) or a step dir, so `convert export`, `edit` and `ablate` take any of the three.
+`load` / `load_params` read the parameters or (`weights="ema"`) their EMA, as one tree of the same structure.
 Configs stored by older versions are migrated on load (`migrate`: renamed fields and kinds).
 
 Damaged steps (missing or corrupt files, unreadable metadata): readers of a workdir or manager root fall back to the
@@ -37,7 +39,6 @@ from varedit_jax import params as params_lib
 from varedit_jax import storage
 
 PARAMS, CONFIG, TRAIN_STATE, DATA, RUN = "params", "config", "train_state", "data", "run"
-WEIGHTS = ("params", "ema")  # the weights a training checkpoint holds
 CORRUPT = "checkpoints_corrupt"
 
 
@@ -47,6 +48,13 @@ class DamagedCheckpoint(ValueError):
 
 class StoredShapeMismatch(ValueError):
     """A step saved with another model / optimizer config: its arrays differ in names or shapes."""
+
+
+class NoEMA(ValueError):
+    """EMA weights were asked for, but the run kept none (`optim.ema_decay` 0, or not a training checkpoint)."""
+
+
+WEIGHTS = ("params", "ema")  # what `load` reads: the parameters, or their EMA (train_state item)
 
 # Renames since the first checkpoints: (old dotted path, new dotted path); kinds and the stored configs/*.py paths.
 RENAMED_FIELDS = (("vae", "image_tokenizer"), ("toy.tokenizer_steps", "toy.image_tokenizer_steps"))
@@ -124,11 +132,14 @@ def _leaf_shapes(tree) -> dict[str, tuple]:
 def check_stored_shapes(item_dir: epath.Path, abstract) -> None:
     """Raises StoredShapeMismatch when the arrays stored at `item_dir` differ in names or shapes from `abstract` (the
     step was saved with another model / optimizer config); a metadata read error propagates (the step is damaged)."""
-    stored = _leaf_shapes(ocp.StandardCheckpointHandler().metadata(item_dir))
-    want = _leaf_shapes(abstract)
+    _check_shapes(ocp.StandardCheckpointHandler().metadata(item_dir), abstract, item_dir)
+
+
+def _check_shapes(stored_tree, abstract, where) -> None:
+    stored, want = _leaf_shapes(stored_tree), _leaf_shapes(abstract)
     if stored != want:
         diff = sorted(set(stored) ^ set(want)) or [k for k in want if stored[k] != want[k]]
-        raise StoredShapeMismatch(f"{item_dir} was saved with another config (first differing arrays: {diff[:5]}); resume "
+        raise StoredShapeMismatch(f"{where} was saved with another config (first differing arrays: {diff[:5]}); resume "
                          f"with the config that wrote it, or use a new workdir")
 
 
@@ -156,13 +167,13 @@ def _silence_abandoned_reads() -> None:
 
 def first_intact(path, read: Callable[[epath.Path, int], Any], what: str = "checkpoint") -> tuple[int, Any]:
     """(step, read(root, step)) for the newest step of `path` that reads; each damaged one is reported on stderr
-    and skipped (for a named step dir, or when none is left: DamagedCheckpoint). A StoredShapeMismatch propagates:
-    only read failures count as damage."""
+    and skipped (for a named step dir, or when none is left: DamagedCheckpoint). A StoredShapeMismatch or NoEMA
+    propagates: only read failures count as damage."""
     root, steps, explicit = candidates(path)
     for i, step in enumerate(steps):
         try:
             return step, read(root, step)
-        except StoredShapeMismatch:
+        except (StoredShapeMismatch, NoEMA):
             raise
         except Exception as e:  # noqa: BLE001 - TensorStore / orbax raise bare Exceptions for damaged files
             _silence_abandoned_reads()
@@ -196,24 +207,56 @@ def load_config(path) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(migrate(first_intact(path, read)[1]))
 
 
-def load_params(path, abstract_params: Any = None) -> tuple[ml_collections.ConfigDict, Any]:
-    """(config, params) of a checkpoint (newest intact step). `abstract_params` (a tree of jax.ShapeDtypeStruct,
-    optionally with shardings) restores directly into that structure/placement; without it the stored arrays come
-    back on this process's first device (whatever topology saved them, so any process can load them)."""
+def _stored_weights(step_dir: epath.Path, weights: str):
+    """(item name, stored metadata tree) of the params, or of the EMA inside the train_state item."""
+    if weights == PARAMS:
+        return PARAMS, ocp.StandardCheckpointHandler().metadata(step_dir / PARAMS)
+    why = "it is not a training checkpoint (no train_state)"
+    if (step_dir / TRAIN_STATE).is_dir():
+        stored = ocp.StandardCheckpointHandler().metadata(step_dir / TRAIN_STATE)
+        ema = getattr(stored, "tree", stored).get("ema")
+        if ema is not None:
+            return TRAIN_STATE, ema
+        why = "the run kept no EMA (optim.ema_decay was 0)"
+    raise NoEMA(f"{step_dir}: no EMA weights: {why}; use the params (--weights params)")
+
+
+def load(path, abstract_params: Any = None, *,
+         weights: str = "params") -> tuple[int, ml_collections.ConfigDict, Any]:
+    """(step, config, weights) of a checkpoint's newest intact step. weights "params": the parameters; "ema": the
+    EMA of them that training kept (same tree; NoEMA when the run kept none). `abstract_params` (a tree of
+    jax.ShapeDtypeStruct, optionally with shardings) restores directly into that structure/placement; without it the
+    stored arrays come back on this process's first device (whatever topology saved them, so any process can load
+    them)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+
     def read(root, step):
-        item = root / str(step) / PARAMS
+        item, stored = _stored_weights(root / str(step), weights)
         if abstract_params is None:
             local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            stored = ocp.StandardCheckpointHandler().metadata(item)
             abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=local), stored)
         else:
-            check_stored_shapes(item, abstract_params)
+            _check_shapes(stored, abstract_params, root / str(step) / item)
             abstract = abstract_params
-        with ocp.CheckpointManager(root, item_names=(PARAMS, CONFIG)) as mngr:
-            return mngr.restore(step, args=ocp.args.Composite(**{PARAMS: ocp.args.StandardRestore(abstract),
-                                                                 CONFIG: ocp.args.JsonRestore()}))
-    out = first_intact(path, read)[1]
-    return ml_collections.ConfigDict(migrate(out[CONFIG])), out[PARAMS]
+        if item == PARAMS:
+            restore = ocp.args.StandardRestore(abstract)
+        else:  # only the "ema" subtree of the train_state item
+            restore = ocp.args.PyTreeRestore(item={"ema": abstract}, partial_restore=True, restore_args={
+                "ema": jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), abstract)})
+        with ocp.CheckpointManager(root, item_names=(item, CONFIG)) as mngr:
+            out = mngr.restore(step, args=ocp.args.Composite(**{item: restore, CONFIG: ocp.args.JsonRestore()}))
+        return out[CONFIG], out[item] if item == PARAMS else out[item]["ema"]
+    step, (config, tree) = first_intact(path, read)
+    return step, ml_collections.ConfigDict(migrate(config)), tree
+
+
+def load_params(path, abstract_params: Any = None, *,
+                weights: str = "params") -> tuple[ml_collections.ConfigDict, Any]:
+    """(config, params) of a checkpoint (newest intact step): `load` without the step. weights "ema": the EMA the
+    run kept, in place of the params."""
+    _, config, tree = load(path, abstract_params, weights=weights)
+    return config, tree
 
 
 def git_commit() -> str:
@@ -280,30 +323,25 @@ def _partial_item(stored, target: dict, prefix: str = "") -> tuple[Any, list[str
 def load_matching(path, target: dict, weights: str = "params") -> tuple[ml_collections.ConfigDict, dict, list[str]]:
     """(stored config, {"a/b": array}, names left out) of the newest intact step of a checkpoint: the arrays named
     in `target` ({"a/b": ShapeDtypeStruct with a sharding}) that the checkpoint holds with the same shape,
-    restored straight into their shardings (nothing else is read). weights: "params", or "ema" (the EMA a
-    training checkpoint kept: ValueError when it kept none)."""
+    restored straight into their shardings (nothing else is read). weights "params", or "ema" (the EMA a training
+    checkpoint kept; NoEMA when it kept none)."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
 
     def read(root, step):
-        item = root / str(step) / (PARAMS if weights == "params" else TRAIN_STATE)
-        if not item.is_dir():
-            raise StoredShapeMismatch(f"{root / str(step)} is not a training checkpoint: it has no EMA")
-        stored = ocp.StandardCheckpointHandler().metadata(item).tree
-        if weights == "ema":
-            if not isinstance(stored.get("ema"), dict):
-                raise StoredShapeMismatch(f"{root / str(step)} kept no EMA (optim.ema_decay was 0): use its params")
-            stored = {"ema": stored["ema"]}
-            target_in = {f"ema/{k}": v for k, v in target.items()}
+        item, stored = _stored_weights(root / str(step), weights)
+        stored = getattr(stored, "tree", stored)
+        if item == TRAIN_STATE:  # the "ema" subtree of the train_state item
+            stored, target_in = {"ema": stored}, {f"ema/{k}": v for k, v in target.items()}
         else:
             target_in = target
         partial, dropped = _partial_item(stored, target_in)
         restored = {}
         if partial is not None:
-            restored = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(
+            restored = ocp.PyTreeCheckpointer().restore(root / str(step) / item, args=ocp.args.PyTreeRestore(
                 item=partial, restore_args=ocp.checkpoint_utils.construct_restore_args(partial),
                 partial_restore=True))
-            restored = restored["ema"] if weights == "ema" else restored
+            restored = restored["ema"] if item == TRAIN_STATE else restored
         with ocp.CheckpointManager(root, item_names=(PARAMS, CONFIG)) as mngr:
             config = mngr.restore(step, args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
         return ml_collections.ConfigDict(migrate(config)), params_lib.flat_leaves(restored), dropped

@@ -8,11 +8,13 @@ Every loader takes either form of the same model:
                      a training workdir (newest step) or a step directory (`checkpoint.resolve`)
 
   load_transformer(path)      -> (config, transformer.Infinity)          kinds "infinity" / "varedit"
+                                 (`weights="ema"`: a training checkpoint's EMA instead of its params)
   load_image_tokenizer(path)  -> image_tokenizer.ImageTokenizer           kind "image_tokenizer"
   load_text_encoder(path)     -> (config, text.T5Encoder, TextTokenizer)  kind "t5"
   load_frozen(config)         -> the frozen image tokenizer, text encoder and text tokenizer of a training config
   abstract_frozen(config)     -> the same two models, abstract (shapes only), from their configs/*.py files
   load_init_params(config, params) -> a run's random init with `init_checkpoint`'s matching tensors, sharded
+  serving_problems(config)    -> what the unmodified official PyTorch code cannot serve in a transformer config
 This is the only module besides the `convert` CLI that imports `varedit_jax.convert`. Errors are FileNotFoundError
 / ValueError (`state_dicts.StateDictMismatch`) naming the path and the reason.
 """
@@ -25,7 +27,7 @@ from flax import nnx
 
 from varedit_jax import checkpoint, configlib, image_tokenizer, storage, text, transformer
 from varedit_jax import params as params_lib
-from varedit_jax.convert import family
+from varedit_jax.convert import bundle, family
 
 TRANSFORMER_KINDS = ("infinity", "varedit")
 
@@ -35,17 +37,19 @@ def is_weights(path: epath.Path) -> bool:
     return path.is_file() or any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
 
 
-def load_params(path, kinds: tuple[str, ...], what: str, config: ml_collections.ConfigDict | None = None
-                ) -> tuple[ml_collections.ConfigDict, dict]:
+def load_params(path, kinds: tuple[str, ...], what: str, config: ml_collections.ConfigDict | None = None, *,
+                weights: str = "params") -> tuple[ml_collections.ConfigDict, dict]:
     """(stored config, params) of official weights (imported as kinds[0], checked against `config`) or of a
-    checkpoint whose kind is one of `kinds`."""
+    checkpoint whose kind is one of `kinds`; weights "ema": the checkpoint's EMA (`checkpoint.load`)."""
     path = storage.path(path)
     if not path.exists():
         raise FileNotFoundError(f"no {what} weights or checkpoint at {path}")
     if is_weights(path):
+        if weights != "params":
+            raise ValueError(f"{path} holds official weights, not a training checkpoint: it has no {weights!r} weights")
         with storage.local_copy(path) as local:  # gs://: a temporary download
             return family(kinds[0]).import_weights(local, config, kind=kinds[0])
-    config, params = checkpoint.load_params(path)
+    config, params = checkpoint.load_params(path, weights=weights)
     if config.get("kind") not in kinds:
         raise ValueError(f"{path} holds a {config.get('kind')!r} checkpoint, not one of {what} kind {kinds}")
     return config, params
@@ -56,13 +60,18 @@ def transformer_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
     return transformer.default_model_config(**dict(config.model.items()))
 
 
-def load_transformer(path, config: ml_collections.ConfigDict | None = None, *, kind: str = "varedit"
-                     ) -> tuple[ml_collections.ConfigDict, transformer.Infinity]:
+def load_transformer(path, config: ml_collections.ConfigDict | None = None, *, kind: str = "varedit",
+                     weights: str = "params") -> tuple[ml_collections.ConfigDict, transformer.Infinity]:
     """(config, model) from official Infinity / VAREdit weights (imported as `kind`, checked against `config`) or a
-    transformer checkpoint."""
+    transformer checkpoint (weights "ema": its EMA)."""
     kinds = (kind,) + tuple(k for k in TRANSFORMER_KINDS if k != kind)
-    config, params = load_params(path, kinds, "transformer", config)
+    config, params = load_params(path, kinds, "transformer", config, weights=weights)
     return config, transformer.build(transformer_config(config), params)
+
+
+def serving_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Why `convert export` would refuse a transformer config (`convert.bundle.serving_problems`); empty if none."""
+    return bundle.serving_problems(config)
 
 
 def load_image_tokenizer(path) -> image_tokenizer.ImageTokenizer:

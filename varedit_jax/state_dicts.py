@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import tempfile
+import warnings
 from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
@@ -248,34 +249,46 @@ def fetch_param(params, path: Sequence) -> np.ndarray:
         raise StateDictMismatch(f"parameter {'/'.join(map(str, path))} is missing from the checkpoint") from e
 
 
-def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> pathlib.Path:
-    """Writes a flat state dict as .safetensors or (torch extra) .pth, atomically: a failure leaves no file (on
-    gs://: written locally, then uploaded)."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object], mode: int = 0o644):
+    """Calls write(tmp) on a temporary file beside `path`, gives it `mode` and moves it to `path`: a failure leaves
+    no file (and an older `path` untouched). On gs:// the file is written locally, then uploaded whole."""
     if storage.is_remote(path):
         with storage.staged(path) as local:
-            write_state_dict(local, state_dict)
-        return path
+            atomic_write(local, write, mode)
+        return storage.path(path)
     path = pathlib.Path(path).expanduser()
-    if path.suffix not in (".safetensors",) + TORCH_SUFFIXES:
-        raise ValueError(f"{path}: output must end in .safetensors or .pth")
-    arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        if path.suffix == ".safetensors":
-            safetensors.numpy.save_file(arrays, tmp, metadata={"format": "pt"})  # as torch writes it
-        else:
-            torch = _torch()
-            tensors = {}
-            for k, v in arrays.items():
-                if v.dtype == ml_dtypes.bfloat16:
-                    tensors[k] = torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
-                else:
-                    tensors[k] = torch.from_numpy(v)
-            torch.save(tensors, tmp)
+        write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def write_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.ndarray]) -> pathlib.Path:
+    """Writes a flat state dict as .safetensors or (torch extra) .pth, atomically (`atomic_write`, mode 0644)."""
+    suffix = pathlib.PurePath(os.fspath(path)).suffix
+    if suffix not in (".safetensors",) + TORCH_SUFFIXES:
+        raise ValueError(f"{path}: output must end in .safetensors or .pth")
+    arrays = {k: np.ascontiguousarray(v) for k, v in state_dict.items()}
+
+    def write(tmp: str) -> None:
+        if suffix == ".safetensors":
+            safetensors.numpy.save_file(arrays, tmp, metadata={"format": "pt"})  # as torch writes it
+            return
+        torch = _torch()
+        tensors = {}
+        with warnings.catch_warnings():  # read-only arrays (e.g. loaded ones): torch.save only reads them
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for k, v in arrays.items():
+                if v.dtype == ml_dtypes.bfloat16:
+                    tensors[k] = torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
+                else:
+                    tensors[k] = torch.from_numpy(v)
+        torch.save(tensors, tmp)
+    return atomic_write(path, write)

@@ -344,6 +344,9 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
         n_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(state.params))
         print(f"{config.kind} {config.conditioning}: {n_params:,} parameters, mesh {dict(run.trainer.mesh.shape)}, "
               f"global batch {config.batch_size}, steps {start}..{config.total_steps}, workdir {workdir}", flush=True)
+        for problem in loading.serving_problems(config):
+            print(f"warning: {problem}; `convert export` will refuse this model (--force exports it anyway)",
+                  file=sys.stderr, flush=True)
     rows, compiled = [], {}
     try:
         with distributed.Preemption() as preempt, run.watchdog:

@@ -9,7 +9,8 @@ Each family module provides
       architecture inferred from the weights; a given config supplies the rest and is checked against them
   export_weights(config, params) -> flat official state dict (name -> numpy array), the exact official key set
   config_from_file(path, *, kind) -> ConfigDict with `kind` and `model` (a configs/*.py or a fixture config.json)
-`io.py` reads/writes the files; `__main__.py` is the CLI.
+`varedit_jax/state_dicts.py` reads/writes the files; `bundle.py` is the export's model.json (the official
+constructor's arguments) and what the official code cannot serve; `__main__.py` is the CLI.
 """
 import importlib
 

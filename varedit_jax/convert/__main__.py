@@ -5,8 +5,14 @@
       --config (configs/*.py or a fixture config.json) supplies the rest and is checked against the weights.
       A non-empty --out is refused unless --overwrite (the new checkpoint then replaces it whole, atomically).
       Tensors with NaN / inf, or integer where weights are floating point, are refused by name.
-  export --checkpoint CKPT|WORKDIR|STEP_DIR --out FILE.safetensors|FILE.pth [--dtype fp32|bf16]
-      a checkpoint (imported or trained here) -> the exact official key set.
+  export --checkpoint CKPT|WORKDIR|STEP_DIR --out DIR/FILE.safetensors|DIR/FILE.pth [--dtype fp32|bf16]
+         [--weights ema|params] [--with-tokenizer [--image-tokenizer PATH]] [--force]
+      a checkpoint (imported or trained here) -> the exact official key set (files mode 0644). The EMA weights when
+      the run kept them (else the params), unless --weights says. A transformer also gets DIR/model.json
+      (`convert/bundle.py`: the official constructor's arguments and everything else serving needs), with
+      --with-tokenizer its image tokenizer's weights (DIR/image_tokenizer.<same suffix>). A model the official code
+      cannot serve (full / finest conditioning, a text width its constructor cannot represent) is refused unless
+      --force.
 A mismatched source is refused with the named keys and nothing is written.
 """
 import argparse
@@ -17,8 +23,8 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from varedit_jax import checkpoint, state_dicts, storage
-from varedit_jax.convert import KINDS, family
+from varedit_jax import checkpoint, image_tokenizer, loading, quantizer, state_dicts, storage
+from varedit_jax.convert import KINDS, bundle, family, infinity
 
 
 def _cast(state_dict: dict, dtype: str) -> dict:
@@ -44,6 +50,56 @@ def _save_replacing(out, params, config, *, overwrite: bool):
     return out / step_dir.name
 
 
+def _load_weights(path, weights: str | None):
+    """(step, config, params, which): the EMA when the run kept one and `weights` is None."""
+    try:
+        step, config, params = checkpoint.load(path, weights=weights or "ema")
+        return step, config, params, weights or "ema"
+    except checkpoint.NoEMA:
+        if weights:
+            raise
+        return *checkpoint.load(path), "params"
+
+
+def _tokenizer(config, path: str | None, out, dtype: str):
+    """(file, state dict, model.json entry) of the transformer's image tokenizer (`path` or the config's)."""
+    path = path or (config.get("image_tokenizer") or {}).get("path")
+    if not path:
+        raise ValueError("--with-tokenizer: the checkpoint names no image tokenizer (image_tokenizer.path); pass "
+                         "--image-tokenizer PATH")
+    tok_config, params = loading.load_params(path, (image_tokenizer.KIND,), "image tokenizer")
+    m, model = tok_config.model, infinity.model_config(config)
+    if quantizer.token_dim(m.codebook_dim, model.patchify) != model.bits:
+        raise ValueError(f"--with-tokenizer: the image tokenizer at {path} (d = {m.codebook_dim}) does not give the "
+                         f"transformer's {model.bits}-bit tokens")
+    file = out.with_name("image_tokenizer" + out.suffix)
+    state_dict = _cast(family(tok_config.kind).export_weights(tok_config, params), dtype)
+    return file, state_dict, {"file": file.name, "path": str(path), "config": m.to_dict()}
+
+
+def export(args) -> None:
+    """The `export` command: weights (+ model.json and the image tokenizer for a transformer)."""
+    out = storage.path(args.out)
+    step, config, params, which = _load_weights(args.checkpoint, args.weights)
+    is_transformer = config.get("kind") in infinity.KINDS
+    if is_transformer and not args.force and (problems := bundle.serving_problems(config)):
+        raise bundle.NotServable("the official code cannot serve this model: " + "; ".join(problems) +
+                                 " (--force exports it anyway)")
+    if args.with_tokenizer and not is_transformer:
+        raise ValueError(f"--with-tokenizer goes with a transformer checkpoint, not {config.get('kind')!r}")
+    state_dict = _cast(family(config.kind).export_weights(config, params), args.dtype)
+    tokenizer = _tokenizer(config, args.image_tokenizer, out, args.dtype) if args.with_tokenizer else None
+    path = state_dicts.write_state_dict(out, state_dict)
+    print(f"exported {config.kind} ({len(state_dict)} tensors, {args.dtype}, {which} of step {step}) -> {path}")
+    if not is_transformer:
+        return
+    if tokenizer:
+        print(f"exported its image tokenizer -> {state_dicts.write_state_dict(tokenizer[0], tokenizer[1])}")
+    contents = bundle.describe(config, step=step, weights_file=out.name, which=which, dtype=args.dtype,
+                               tokenizer=tokenizer[2] if tokenizer else None)
+    print(f"wrote {bundle.write(out.parent, contents)}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m varedit_jax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +114,11 @@ def main(argv=None) -> int:
     exp.add_argument("--checkpoint", required=True)
     exp.add_argument("--out", required=True)
     exp.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    exp.add_argument("--weights", default=None, choices=checkpoint.WEIGHTS,
+                     help="which weights (default: the EMA when the run kept one, else the params)")
+    exp.add_argument("--with-tokenizer", action="store_true", help="export the image tokenizer's weights too")
+    exp.add_argument("--image-tokenizer", default=None, help="the image tokenizer (default: the config's)")
+    exp.add_argument("--force", action="store_true", help="export a model the official code cannot serve")
     args = parser.parse_args(argv)
 
     try:
@@ -72,10 +133,7 @@ def main(argv=None) -> int:
             n = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(params))
             print(f"imported {args.kind} ({n:,} parameters) from {args.src} -> {path}")
         else:
-            config, params = checkpoint.load_params(args.checkpoint)
-            state_dict = _cast(family(config.kind).export_weights(config, params), args.dtype)
-            path = state_dicts.write_state_dict(args.out, state_dict)
-            print(f"exported {config.kind} ({len(state_dict)} tensors, {args.dtype}) -> {path}")
+            export(args)
     except (state_dicts.StateDictMismatch, FileNotFoundError, ValueError, KeyError, ImportError,
             storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)

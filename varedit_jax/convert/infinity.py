@@ -240,7 +240,7 @@ def _full_config(kind: str, model_cfg, conditioning: str | None = None, extra: d
     return config
 
 
-def _model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+def model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     model = config.model if "model" in config else config
     return transformer.default_model_config(**dict(model.items()))
 
@@ -251,7 +251,7 @@ def import_weights(src, config: ml_collections.ConfigDict | None = None, *, kind
     sd = dict(src) if isinstance(src, dict) else state_dicts.read_state_dict(src, nested=NESTED)
     inferred = infer_model_config(sd, what)
     if config is not None:
-        model_cfg = _model_config(config)
+        model_cfg = model_config(config)
         _check_against(model_cfg, inferred, what)
         conditioning = config.get("conditioning")
         extra = {k: v for k, v in config.items() if k not in ("kind", "conditioning", "model")}
@@ -357,7 +357,7 @@ def param_shapes(m: ml_collections.ConfigDict) -> tuple[dict, dict]:
 
 def export_weights(config: ml_collections.ConfigDict, params) -> dict[str, np.ndarray]:
     """Params (stacked or looped blocks; list indices int or str) -> the exact official state dict (float32)."""
-    m = _model_config(config)
+    m = model_config(config)
     expected = _official_shapes(m)
 
     def fetch(path):
@@ -385,8 +385,17 @@ def export_weights(config: ml_collections.ConfigDict, params) -> dict[str, np.nd
     return out
 
 
-def _config_from_fixture(data: dict, path: pathlib.Path, kind: str) -> ml_collections.ConfigDict:
-    """A fixture config.json (`constructor_kwargs` of the official Infinity class) -> ConfigDict."""
+# Model fields <-> official constructor arguments that carry them one to one (`bundle.constructor_kwargs` writes the
+# rest: the released flag set, mlp_ratio, patchify, text_maxlen = the rows of the exported cfg_uncond).
+CONSTRUCTOR_FIELDS = (("embed_dim", "embed_dim"), ("depth", "depth"), ("num_heads", "num_heads"),
+                      ("text_dim", "text_channels"), ("norm_eps", "norm_eps"), ("block_chunks", "block_chunks"),
+                      ("drop_path_rate", "drop_path_rate"))
+
+
+def config_from_constructor(data: dict, path: pathlib.Path, kind: str) -> ml_collections.ConfigDict:
+    """`constructor_kwargs` of the official Infinity class + what they leave open -> ConfigDict. Reads a fixture
+    config.json (bits from `derived.d_vae` / `vae_local.embed_dim`) and an export bundle's model.json (bits from
+    `image_tokenizer.vae_type`; the trained `text_max_len`, `conditioning` and `pn` beside the arguments)."""
     kwargs = data.get("constructor_kwargs")
     if not isinstance(kwargs, dict):
         raise ValueError(f"{path}: expected `constructor_kwargs` (official Infinity arguments) or `model`")
@@ -395,41 +404,42 @@ def _config_from_fixture(data: dict, path: pathlib.Path, kind: str) -> ml_collec
         unsupported["cross_attn_layer_scale"] = kwargs["cross_attn_layer_scale"]
     if unsupported:
         raise ValueError(f"{path}: official flags not implemented here: {unsupported}")
-    fields = {}
-    for ours, theirs in (("embed_dim", "embed_dim"), ("depth", "depth"), ("num_heads", "num_heads"),
-                         ("text_dim", "text_channels"), ("text_max_len", "text_maxlen"), ("norm_eps", "norm_eps"),
-                         ("block_chunks", "block_chunks"), ("drop_path_rate", "drop_path_rate")):
-        if theirs in kwargs:
-            fields[ours] = kwargs[theirs]
+    fields = {ours: kwargs[theirs] for ours, theirs in CONSTRUCTOR_FIELDS if theirs in kwargs}
+    if "text_maxlen" in kwargs:
+        fields["text_max_len"] = int(data.get("text_max_len", kwargs["text_maxlen"]))
+        fields["cfg_uncond_export_rows"] = int(kwargs["text_maxlen"])
     if "embed_dim" in kwargs:
         fields["mlp_dim"] = transformer.official_mlp_dim(kwargs["embed_dim"], kwargs.get("mlp_ratio", 4.0))
     if "apply_spatial_patchify" in kwargs:
         fields["patchify"] = bool(kwargs["apply_spatial_patchify"])
-    derived = data.get("derived", {})
+    derived, tokenizer = data.get("derived", {}), data.get("image_tokenizer") or {}
+    per_token = 4 if fields.get("patchify") else 1
     if "d_vae" in derived:
         fields["bits"] = int(derived["d_vae"])
-    elif "vae_local" in data and "embed_dim" in data["vae_local"]:
-        fields["bits"] = int(data["vae_local"]["embed_dim"]) * (4 if fields.get("patchify") else 1)
+    elif "embed_dim" in data.get("vae_local", {}):
+        fields["bits"] = int(data["vae_local"]["embed_dim"]) * per_token
+    elif "vae_type" in tokenizer:
+        fields["bits"] = int(tokenizer["vae_type"]) * per_token
     if "text_pool_heads" in derived:
         fields["text_pool_heads"] = int(derived["text_pool_heads"])
     model_cfg = transformer.default_model_config(**fields)
-    pn = kwargs.get("pn")
+    pn = data.get("pn", kwargs.get("pn"))
     extra = {"pn": pn} if isinstance(pn, str) and pn in ("0.06M", "0.25M", "0.60M", "1M") else {}
-    return _full_config(kind, model_cfg, None, extra)
+    return _full_config(kind, model_cfg, data.get("conditioning"), extra)
 
 
 def config_from_file(path, *, kind: str = "varedit") -> ml_collections.ConfigDict:
     """ConfigDict(kind, conditioning, model, ...) from a configs/*.py file, a checkpoint's stored config JSON
-    (with `model`) or a fixture config.json (`constructor_kwargs`)."""
+    (with `model`), a fixture config.json or an export bundle's model.json (`constructor_kwargs`)."""
     path = pathlib.Path(str(path).partition(":")[0]) if str(path).endswith(".json") else path
     if str(path).endswith(".json"):
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         data = json.loads(path.read_text())
         if "model" in data:
-            config = _full_config(kind, _model_config(ml_collections.ConfigDict(data)), data.get("conditioning"))
+            config = _full_config(kind, model_config(ml_collections.ConfigDict(data)), data.get("conditioning"))
         else:
-            config = _config_from_fixture(data, path, kind)
+            config = config_from_constructor(data, path, kind)
     else:
         loaded = configlib.load(path)
         if loaded.get("kind") not in KINDS:
@@ -437,6 +447,6 @@ def config_from_file(path, *, kind: str = "varedit") -> ml_collections.ConfigDic
         if loaded.kind != kind:
             raise ValueError(f"{path} is a {loaded.kind!r} config, not {kind!r}")
         extra = {k: v for k, v in loaded.items() if k not in ("kind", "conditioning", "model")}
-        config = _full_config(kind, _model_config(loaded), loaded.get("conditioning"), extra)
+        config = _full_config(kind, model_config(loaded), loaded.get("conditioning"), extra)
     transformer.validate_config(config.model)
     return config
