@@ -7,7 +7,8 @@ The slice's devices come from libtpu's topology description (the `tpu` extra; no
 such slices as one multi-slice topology (config.mesh.slices = N: the batch also splits over the "dcn" axis, each
 slice holds a full copy of the sharded parameters and optimizer state; the compiled step includes the cross-slice
 gradient all-reduce). The mesh, logical rules, remat and batch are the config's, attention is the Pallas splash
-kernel. Reported per device: parameter,
+kernel. Reported per device: the initialisation's bytes (`init:`, random init + optimizer state + EMA as one
+program), parameter,
 optimizer-state and frozen-model bytes (from the shardings), XLA's argument / output / temporary (activations and
 scratch) bytes, their peak total against the chip's HBM, the compiled FLOPs per step and an analytic estimate. A
 step XLA refuses to compile for lack of HBM is reported as not fitting, with the temporaries it asked for (raise
@@ -80,6 +81,7 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, template: str = "1.
         "flops_per_step_per_device": {"compiled": None,
                                       "analytic": analytic_flops(config, template) / (spec.chips * slices)},
     }
+    report["init_bytes_per_device"] = plan_init(trainer, mesh)
     t0 = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
@@ -107,6 +109,16 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, template: str = "1.
     return report
 
 
+def plan_init(trainer: train.Trainer, mesh: jax.sharding.Mesh) -> dict:
+    """Per-device bytes of a run's initialisation (random init, optimizer state and EMA: what `train` runs before
+    its first step, here as one program), from its AOT compile: the state it outputs and XLA's temporaries."""
+    init = jax.jit(lambda: trainer.init_state_fn(trainer.init_params_fn()()), out_shardings=trainer.state_shardings)
+    with jax.set_mesh(mesh):
+        mem = init.lower().compile().memory_analysis()
+    out, temp = int(mem.output_size_in_bytes), int(mem.temp_size_in_bytes)
+    return {"state": out, "temporaries": temp, "peak": out + temp}
+
+
 def _gib(n: float) -> str:
     return f"{n / 2 ** 30:.2f} GiB"
 
@@ -119,13 +131,16 @@ def summary(report: dict) -> str:
             f"{report['config']['mesh']}): {report['parameters'] / 1e6:,.1f}M parameters, batch "
             f"{report['config']['batch_size']}, L = {report['config']['sequence_length']}")
     if "compile_error" in report:
-        need = b["xla_temporaries"]
-        return "\n".join([head, f"  per device: params {_gib(b['params'])}, optimizer {_gib(b['optimizer'])}, frozen "
+        need, i = b["xla_temporaries"], report["init_bytes_per_device"]
+        return "\n".join([head, f"  init: {_gib(i['peak'])} per chip (state {_gib(i['state'])}, temporaries "
+                                f"{_gib(i['temporaries'])})", f"  per device: params {_gib(b['params'])}, optimizer {_gib(b['optimizer'])}, frozen "
                                 f"models {_gib(b['frozen_models'])}; XLA needs {_gib(need) if need else '?'} of "
                                 f"temporaries, the chip has {_gib(report['topology']['hbm_bytes_per_device'])} -> "
                                 f"DOES NOT FIT (raise --config.grad_accum, or a bigger slice)",
                                 f"  {report['compile_error']}"])
+    i = report["init_bytes_per_device"]
     lines = [head,
+             f"  init: {_gib(i['peak'])} per chip (state {_gib(i['state'])}, temporaries {_gib(i['temporaries'])})",
              f"  per device: params {_gib(b['params'])}, optimizer {_gib(b['optimizer'])}, frozen models "
              f"{_gib(b['frozen_models'])}, temporaries {_gib(b['xla_temporaries'])}; peak {_gib(b['peak'])} of "
              f"{_gib(report['topology']['hbm_bytes_per_device'])} -> {'FITS' if report['fits'] else 'DOES NOT FIT'}",
