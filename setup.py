@@ -23,8 +23,11 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    # transformers / torchmetrics: reference implementations the eval tests compare against.
-    "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "transformers>=5.0,<6", "torchmetrics>=1.5,<2"],
+    # transformers / torchmetrics / lpips: reference implementations the eval tests compare against. torchvision
+    # 0.28.0 is the release for torch 2.13.0; PyPI has only its CUDA build, whose C ops do not load beside the CPU
+    # torch wheel (tests/helpers.py `torchvision_without_cuda_ops` makes it importable; lpips needs only its models).
+    "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "transformers>=5.0,<6", "torchmetrics>=1.5,<2",
+             "lpips==0.1.4", "torchvision==0.28.0"],
     # Reading/writing official `.pth` files. The CPU wheel 2.13.0 is what tests/run.sh installs.
     "torch": ["torch>=2.5,<2.14"],
     # Offline dataset builds (ImgEdit parquet annotations).

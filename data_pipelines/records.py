@@ -384,8 +384,42 @@ def open_records(paths: str | Sequence[str]) -> grain.sources.ArrayRecordDataSou
         raise
 
 
+class Pairs:
+    """Random access over datasets in order: record dataset directories and TFDS builds named "tfds:NAME@DATA_DIR"
+    (`tfds_builders`). `pairs[i]` is the raw item (serialized record bytes, or a TFDS pair's record dict) and
+    `Pairs.decode(raw)` its record dict (images as encoded bytes), so reading and decoding fail separately."""
+
+    def __init__(self, paths: str | Sequence[str]):
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        self.parts, shards = [], []
+        for path in paths + ["tfds:"]:  # a sentinel flushes the last run of record directories
+            if not str(path).startswith("tfds:"):
+                shards.append(path)
+                continue
+            if shards:
+                self.parts.append(open_records(shards))
+                shards = []
+            if path != "tfds:":
+                from data_pipelines import tfds_builders
+                self.parts.append(tfds_builders.PairSource(str(path)))
+        if not paths:
+            raise ValueError("no dataset paths given")
+        self.ends = np.cumsum([len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, index: int):
+        part = int(np.searchsorted(self.ends, index, side="right"))
+        return self.parts[part][index - (int(self.ends[part - 1]) if part else 0)]
+
+    @staticmethod
+    def decode(raw) -> dict:
+        return raw if isinstance(raw, dict) else decode_record(raw)
+
+
 def iter_records(paths: str | Sequence[str]) -> Iterator[dict]:
-    """Decoded records of finished datasets, in storage order."""
-    source = open_records(paths)
-    for i in range(len(source)):
-        yield decode_record(source[i])
+    """Decoded records of finished datasets (or TFDS builds, see `Pairs`), in storage order."""
+    pairs = Pairs(paths)
+    for i in range(len(pairs)):
+        yield pairs.decode(pairs[i])

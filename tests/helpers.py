@@ -4,6 +4,7 @@ Parity tests read fixtures from `$VAREDIT_FIXTURES` (default: tests/fixtures, co
 Cases come from each folder's own index (`quantizer/cases.json`, `config.json["cases"]`, `t5/prompts.json`),
 never from file names. A missing folder skips with a reason; a malformed index fails the run at collection.
 """
+import importlib.util
 import json
 import os
 import pathlib
@@ -79,3 +80,30 @@ def small_config(**extra):
 def small_flags(**extra) -> list[str]:
     """`small_config(**extra)` as `--config.FIELD=VALUE` flags of the CLIs."""
     return [f"--config.{k}={v}" for k, v in {**SMALL, **extra}.items()]
+
+
+def torchvision_without_cuda_ops() -> bool:
+    """Lets `import torchvision` work beside the CPU torch wheel; returns whether it had to.
+
+    PyPI has only CUDA builds of torchvision (0.28.0 for torch 2.13.0): beside torch 2.13.0+cpu its C extension
+    (_C.so, linked against libtorch_cuda) does not load, and `import torchvision` then fails in
+    `_meta_registrations` ("operator torchvision::nms does not exist") - which also breaks transformers, which imports
+    torchvision when it is installed. Defining the schemas of the two operators it registers unguarded (nms, qnms)
+    makes the import work; the pure-Python models (SqueezeNet for lpips) need none of the C ops. Does nothing when
+    torchvision is absent or its extension loads.
+    """
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    import torch
+    library = next(pathlib.Path(spec.submodule_search_locations[0]).glob("_C*.so"), None)
+    try:
+        torch.ops.load_library(str(library))
+        return False
+    except (OSError, RuntimeError, TypeError):
+        pass
+    lib = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    torchvision_without_cuda_ops.library = lib  # kept alive: the schemas live as long as the Library object
+    return True

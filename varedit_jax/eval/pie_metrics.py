@@ -28,9 +28,8 @@ from PIL import Image
 
 from varedit_jax import images as imgs
 from varedit_jax.eval import scores
+from varedit_jax.eval.dino import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SSIM_SIGMA, SSIM_TAPS, SSIM_K1, SSIM_K2 = 1.5, 11, 0.01, 0.03
 STRUCTURE_SIZE, STRUCTURE_MAX_SIZE = 224, 480
 COLUMNS = ("structure_distance", "psnr", "lpips", "mse", "ssim", "clip_whole", "clip_edit")
