@@ -8,6 +8,9 @@ import importlib.util
 import json
 import os
 import pathlib
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -107,3 +110,61 @@ def torchvision_without_cuda_ops() -> bool:
         lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     torchvision_without_cuda_ops.library = lib  # kept alive: the schemas live as long as the Library object
     return True
+
+
+class FakeServer:
+    """A fake OpenAI-compatible chat-completions endpoint on 127.0.0.1 (a daemon thread; `close()` stops it).
+
+    replies[instruction] = text, or an int HTTP status, for prompts ending in "Editing instruction: <instruction>";
+    fail_first[instruction] = n answers 500 to the first n requests of that instruction; `route(text, body)` (if set)
+    answers any other prompt (text or status). Every request is recorded in `requests`."""
+
+    def __init__(self, route=None):
+        self.replies, self.fail_first, self.requests = {}, {}, []
+        self.lock = threading.Lock()
+        self.in_flight = self.max_in_flight = 0
+        self.delay = 0.0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                text = body["messages"][0]["content"][0]["text"]
+                instruction = text.rsplit("Editing instruction: ", 1)[-1].strip()
+                with server.lock:
+                    server.requests.append(dict(path=self.path, body=body, auth=self.headers.get("Authorization")))
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    failures = server.fail_first.get(instruction, 0)
+                    server.fail_first[instruction] = max(failures - 1, 0)
+                time.sleep(server.delay)
+                routed = route(text, body) if route is not None else None
+                reply = 500 if failures else routed if routed is not None else server.replies.get(
+                    instruction, '{"score": [5, 5]}')
+                with server.lock:
+                    server.in_flight -= 1
+                if isinstance(reply, int):
+                    self.send_response(reply)
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "canned failure"}')
+                    return
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.timeout = 5
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)

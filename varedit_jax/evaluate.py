@@ -128,9 +128,7 @@ class Outputs:
                 if line.strip():
                     row = json.loads(line)
                     self.rows[row["id"]] = _floats(row)
-        images_dir = self.root / "images"
-        self.existing = {str(p.relative_to(images_dir)) for p in images_dir.glob("**/*.png")} if \
-            images_dir.exists() else set()
+        self.existing = {row["output"] for row in self.rows.values()}  # outputs written (a row follows its PNG)
         if self.writer:
             self.root.mkdir(parents=True, exist_ok=True)
             self.save_run()
@@ -139,7 +137,7 @@ class Outputs:
         if self.writer:
             tmp = self.root / "run.json.tmp"
             tmp.write_text(json.dumps(self.run, indent=1) + "\n")
-            tmp.rename(self.run_path)
+            tmp.replace(self.run_path)
 
     def write_image(self, name: str, image: np.ndarray) -> None:
         if self.writer:
