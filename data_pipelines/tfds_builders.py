@@ -1,7 +1,8 @@
 """TFDS `DatasetBuilder`s for SEED-Data-Edit, ImgEdit, EMU-Edit and PIE-Bench, wrapping this package's readers, and
 their reading without TensorFlow.
 
-Build (`python -m data_pipelines.tfds_build --builder NAME --manual_dir RAW --data_dir OUT`):
+Build (`python -m data_pipelines.tfds_build --builder NAME --manual_dir RAW --data_dir OUT`; examples keep the
+readers' order: `disable_shuffling`, so benchmark sample i is the loader's sample i):
 `download_and_prepare(download_config=DownloadConfig(manual_dir=RAW))` with `file_format="array_record"`; RAW is
 the dataset as its users download it (`MANUAL_DOWNLOAD_INSTRUCTIONS` of each builder says where). No TensorFlow is
 needed: images go in as their encoded bytes (stored as they are) or PIL images. (`tfds build` imports TensorFlow.)
@@ -118,7 +119,7 @@ class _PairBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=self.__doc__, homepage=self.HOMEPAGE,
-                                     features=tfds.features.FeaturesDict({
+                                     disable_shuffling=True, features=tfds.features.FeaturesDict({
                                          "id": tfds.features.Text(), "instruction": tfds.features.Text(),
                                          "task": tfds.features.Text(),
                                          "source": tfds.features.Image(shape=(None, None, 3)),
@@ -181,7 +182,7 @@ class _BenchmarkBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     def _info(self) -> tfds.core.DatasetInfo:
         text = tfds.features.Text
         return tfds.core.DatasetInfo(builder=self, description=self.__doc__, homepage=self.HOMEPAGE,
-                                     features=tfds.features.FeaturesDict({
+                                     disable_shuffling=True, features=tfds.features.FeaturesDict({
                                          "id": text(), "instruction": text(), "source_caption": text(),
                                          "target_caption": text(), "category": text(), "extra": text(),
                                          "source": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),

@@ -47,8 +47,8 @@ def _image(seed, size=(48, 40)):
     return np.random.default_rng(seed).integers(0, 256, size + (3,), dtype=np.uint8)
 
 
-def write_benchmarks(root):
-    """Small copies of the four benchmarks in their released layouts, and tiny metric models, in ROOT."""
+def write_benchmarks(root, models: bool = True):
+    """Small copies of the four benchmarks in their released layouts (and tiny metric models) in ROOT."""
     (root / "emu" / "data").mkdir(parents=True)
     rows = [("add a hat", encode_png(_image(1)), "add"), ("make it night", encode_png(_image(2)), "global"),
             ("remove the dog", encode_png(_image(3)), "remove"), ("", encode_png(_image(4)), "add")]
@@ -82,9 +82,10 @@ def write_benchmarks(root):
                              pa.array([True, False, True, True]))
     with pa.ipc.new_stream(str(root / "gedit" / "train" / "data-00000-of-00001.arrow"), table.schema) as w:
         w.write_table(table)
-    write_clip_folder(root / "clip")
-    write_dino_folder(root / "dino")
-    write_lpips_file(root / "lpips.safetensors")
+    if models:
+        write_clip_folder(root / "clip")
+        write_dino_folder(root / "dino")
+        write_lpips_file(root / "lpips.safetensors")
     return root
 
 
