@@ -113,7 +113,8 @@ class ParquetReader:
         self.columns = columns or parse_columns(None)
 
     def units(self) -> list[str]:
-        files = sorted(str(p.relative_to(self.root)) for p in self.root.glob("**/*.parquet"))
+        files = sorted(str((folder / name).relative_to(self.root)) for folder, _, names in self.root.walk()
+                       for name in names if name.endswith(".parquet"))
         if not files:
             raise FileNotFoundError(f"no *.parquet below {self.root}")
         return files
