@@ -27,7 +27,6 @@ Record datasets (`records`, e.g. the toy eval set): samples with their target im
 import collections
 import dataclasses
 import glob
-import io
 import json
 import logging
 import os
@@ -35,9 +34,9 @@ from typing import Iterator
 
 import numpy as np
 from etils import epath
-from PIL import Image, UnidentifiedImageError
 
 from data_pipelines import records
+from data_pipelines.records import decode_image, read_image
 
 log = logging.getLogger(__name__)
 
@@ -98,26 +97,6 @@ class Skips:
 def category_counts(samples) -> dict[str, int]:
     """{category: count} of an iterable of samples, in first-seen order."""
     return dict(collections.Counter(s.category for s in samples))
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> uint8 (H, W, 3) RGB; raises ValueError when they do not decode."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot decode image: {e}") from e
-
-
-def read_image(path) -> np.ndarray:
-    """An image file (local or gs://) -> uint8 (H, W, 3) RGB; raises FileNotFoundError / ValueError."""
-    path = epath.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no image at {path}")
-    try:
-        return decode_image(path.read_bytes())
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
 
 
 def output_name(sample_id: str) -> str:

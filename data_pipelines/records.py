@@ -36,7 +36,8 @@ import grain
 import msgpack
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
-from PIL import Image
+from etils import epath
+from PIL import Image, UnidentifiedImageError
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "varedit_edit_pairs"
@@ -199,6 +200,26 @@ def decode_record(data: bytes) -> dict:
     if not isinstance(record, dict) or set(RECORD_KEYS) - set(record):
         raise ValueError(f"record does not follow schema v{SCHEMA_VERSION} (keys {RECORD_KEYS})")
     return record
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> uint8 (H, W, 3) RGB; raises ValueError when they do not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot decode image: {e}") from e
+
+
+def read_image(path) -> np.ndarray:
+    """An image file (local or gs://) -> uint8 (H, W, 3) RGB; raises FileNotFoundError / ValueError."""
+    path = epath.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image at {path}")
+    try:
+        return decode_image(path.read_bytes())
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def decode_mask(data: bytes) -> np.ndarray:
