@@ -5,7 +5,7 @@ finest / sar) with the same budget, seeds and data order, evaluate each, and wri
   python -m varedit_jax.ablate --config CFG --conditioning full,finest,sar --workdir DIR [--seeds 0,1,2]
       [--eval-pairs 64] [--guidance 4] [--tau 0.5] [--config.FIELD=VALUE ...]
   python -m varedit_jax.ablate --config configs/varedit_2b_256.py --plan-only     # no training: lengths, sizes, FLOPs
-  python -m varedit_jax.ablate ... --benchmark emu_edit --data DIR [--clip DIR] [--judge URL ...]   # score on a benchmark
+  python -m varedit_jax.ablate ... --benchmark emu_edit --data DIR [--clip DIR] [--judge URL ...]   # on a benchmark
 
 Runs live in DIR/<conditioning>/seed<k>/ (training workdirs: an interrupted sweep resumes each run where it stopped; a
 finished run is not retrained and a finished evaluation, cached in eval.json, is not redone). Evaluation edits the

@@ -19,7 +19,8 @@ Editing: `editor.Editor` over every device (the sampler's data axis), batches of
 data-parallel size) samples; sample i (its position in the benchmark) draws from fold_in(seed, i), so outputs do not
 depend on batching or on resuming.
 Outputs in OUT: images/<name>.png (the output at the source's size; names as the benchmark's own scripts expect,
-`benchmarks.output_name`), samples.jsonl (one row per sample: id, category, output, metrics, judge errors),
+`benchmarks.output_name`), samples.jsonl (one row per sample: id, category, output, metrics, judge errors; while
+running, each scored batch's rows go to samples.parts/),
 results.{md,csv,json} (per category and overall, the paper's columns, s_per_edit), grid.png (the best and worst
 samples), skipped.jsonl (samples the loader could not use), run.json (the settings).
 Resuming: re-running the same command edits and scores only what is missing; outputs already written are re-scored
@@ -103,15 +104,14 @@ def _floats(row: dict) -> dict:
 
 
 class Outputs:
-    """OUT: run.json, samples.jsonl (appended; a later row of an id replaces an earlier one), images/."""
+    """OUT: run.json, samples.parts/<k>.jsonl (the rows of each scored chunk, written once: no appends, so gs://
+    works; a later row of an id replaces an earlier one), samples.jsonl (all rows, written at the end), images/."""
 
     def __init__(self, out, settings: Settings, step: int | None, checkpoint_path: str):
         self.root = epath.Path(out)
         self.writer = jax.process_index() == 0
-        self.settings = settings
-        self.run_path, self.rows_path = self.root / "run.json", self.root / "samples.jsonl"
-        self.run = dict(settings=settings.fixed(), checkpoint=checkpoint_path, checkpoint_step=step, edit_s=0.0,
-                        edited=0, edit_calls=[])
+        self.run_path, self.parts = self.root / "run.json", self.root / "samples.parts"
+        self.run = dict(settings=settings.fixed(), checkpoint=checkpoint_path, checkpoint_step=step, edit_calls=[])
         if self.run_path.exists():
             stored = json.loads(self.run_path.read_text())
             mine = dict(settings.fixed(), checkpoint_step=step)
@@ -123,21 +123,26 @@ class Outputs:
                                  "use another --out")
             self.run = stored
         self.rows: dict[str, dict] = {}
-        if self.rows_path.exists():
-            for line in self.rows_path.read_text(encoding="utf-8").splitlines():
-                if line.strip():
+        self.num_parts = 0
+        if self.parts.exists():
+            for part in sorted(p for p in self.parts.iterdir() if p.name.endswith(".jsonl")):
+                self.num_parts += 1
+                for line in part.read_text(encoding="utf-8").splitlines():
                     row = json.loads(line)
                     self.rows[row["id"]] = _floats(row)
         self.existing = {row["output"] for row in self.rows.values()}  # outputs written (a row follows its PNG)
         if self.writer:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.parts.mkdir(parents=True, exist_ok=True)
             self.save_run()
+
+    def _write(self, path: epath.Path, text: str) -> None:
+        tmp = path.parent / f"{path.name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
 
     def save_run(self) -> None:
         if self.writer:
-            tmp = self.root / "run.json.tmp"
-            tmp.write_text(json.dumps(self.run, indent=1) + "\n")
-            tmp.replace(self.run_path)
+            self._write(self.run_path, json.dumps(self.run, indent=1) + "\n")
 
     def write_image(self, name: str, image: np.ndarray) -> None:
         if self.writer:
@@ -148,13 +153,21 @@ class Outputs:
     def read_image(self, name: str) -> np.ndarray:
         return benchmarks.read_image(self.root / "images" / name)
 
-    def append(self, rows: list[dict]) -> None:
+    def add(self, rows: list[dict]) -> None:
+        """Records a scored chunk's rows (one new part file)."""
         for row in rows:
             self.rows[row["id"]] = row
         if self.writer and rows:
-            with self.rows_path.open("a", encoding="utf-8") as f:
-                f.write("".join(json.dumps({k: _plain(v) for k, v in r.items()}, ensure_ascii=False) + "\n"
-                                for r in rows))
+            self._write(self.parts / f"{self.num_parts:06d}.jsonl", _jsonl(rows))
+        self.num_parts += 1
+
+    def write_samples(self, rows: list[dict]) -> None:
+        if self.writer:
+            self._write(self.root / "samples.jsonl", _jsonl(rows))
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps({k: _plain(v) for k, v in r.items()}, ensure_ascii=False) + "\n" for r in rows)
 
 
 # ------------------------------------------------------------------------------------------------- the loop
@@ -178,7 +191,7 @@ class Evaluation:
         self.checkpoint_path, self.settings, self.models = str(checkpoint_path), settings, models
         self.tokenizer_path, self.text_path = image_tokenizer, text_encoder
         self.out = Outputs(out, settings, _step(checkpoint_path), self.checkpoint_path)
-        self._editor = None
+        self._editor, self._edited = None, False
         self.skips = benchmarks.Skips()
 
     def editor(self) -> editor_lib.Editor:
@@ -202,7 +215,8 @@ class Evaluation:
         outputs = edit.edit([s.source for _, s in chunk], [s.instruction for _, s in chunk],
                             self.settings.options(), resolution=self.settings.resolution,
                             preprocess=self.settings.preprocess, indices=[i for i, _ in chunk])
-        self.out.run["edit_calls"].append([len(chunk), time.perf_counter() - t0])
+        self.out.run["edit_calls"].append([len(chunk), time.perf_counter() - t0, not self._edited])
+        self._edited = True
         outputs = [suites.match_size(o, s.source) for o, (_, s) in zip(outputs, chunk)]
         for (_, sample), output in zip(chunk, outputs):
             self.out.write_image(benchmarks.output_name(sample.id), output)
@@ -215,8 +229,8 @@ class Evaluation:
                    for _, s in chunk]
         metrics = suites.score(self.settings.benchmark, [s for _, s in chunk], outputs, self.models) \
             if jax.process_index() == 0 else [{}] * len(chunk)
-        self.out.append([_sample_row(self.settings.benchmark, i, s, self.models, m)
-                         for (i, s), m in zip(chunk, metrics)])
+        self.out.add([_sample_row(self.settings.benchmark, i, s, self.models, m)
+                      for (i, s), m in zip(chunk, metrics)])
         self.out.save_run()
 
     def run(self, progress: bool = True) -> list[dict]:
@@ -244,9 +258,10 @@ class Evaluation:
         return self.write_results([self.out.rows[i] for i in ids])
 
     def s_per_edit(self) -> float | None:
-        """Seconds per edit over the timed calls, leaving out the first (compilation) when there are others."""
+        """Seconds per edit over the timed calls [n, seconds, first of its process], leaving out each process's
+        first call (compilation) when there are others."""
         calls = self.out.run["edit_calls"]
-        timed = calls[1:] if len(calls) > 1 else calls
+        timed = [c for c in calls if not c[2]] or calls
         n = sum(c[0] for c in timed)
         return sum(c[1] for c in timed) / n if n else None
 
@@ -259,6 +274,7 @@ class Evaluation:
         title = (f"{s.benchmark}: {self.checkpoint_path} (step {self.out.run.get('checkpoint_step')}), "
                  f"{len(rows)} samples, guidance {s.guidance}, tau {s.tau}, seed {s.seed}{judge}")
         report.write_table(table, root, "results", columns=suites.columns(s.benchmark), title=title)
+        self.out.write_samples(rows)
         (root / "skipped.jsonl").write_text("".join(json.dumps(dict(id=i, reason=r, detail=d)) + "\n"
                                                     for i, r, d in self.skips.rows))
         self.write_grid(rows)
@@ -333,6 +349,9 @@ def main(argv=None) -> int:
         p.error("--limit and --batch-size must be >= 1")
     if args.judge and not args.judge.startswith(("http://", "https://")):
         p.error("--judge must be an http:// or https:// URL")
+    if args.benchmark in ("gedit", "imgedit_bench") and not args.judge:
+        print(f"warning: {args.benchmark} is scored by a judge (--judge URL); without one only the outputs are "
+              "written", file=sys.stderr)
     try:
         data = args.data or default_data(args.benchmark, args.checkpoint)
         settings = Settings(args.benchmark, data, args.guidance, args.tau, args.seed, args.resolution,

@@ -21,6 +21,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from varedit_jax import images as imgs
 from varedit_jax.eval import bench_judges, judge as jd, pie_metrics, scores, toy_metrics
@@ -51,8 +52,7 @@ class MetricModels:
 
 
 def match_size(output: np.ndarray, source: np.ndarray) -> np.ndarray:
-    """The output resized to the source's (H, W) (PIL bicubic) when they differ; benchmarks compare at the source size."""
-    from PIL import Image
+    """The output resized to the source's (H, W) (PIL bicubic) when they differ: benchmarks compare at that size."""
     if output.shape[:2] == source.shape[:2]:
         return output
     return np.asarray(Image.fromarray(output).resize((source.shape[1], source.shape[0]), Image.Resampling.BICUBIC))
@@ -133,8 +133,7 @@ def score(benchmark: str, samples: Sequence, outputs: Sequence[np.ndarray], mode
 
 # ------------------------------------------------------------------------------------------------------- tables
 def _means(rows: Sequence[dict], keys: Sequence[str]) -> dict:
-    out = {k: scores.nanmean([r.get(k, math.nan) for r in rows])[0] for k in keys}
-    return out
+    return {k: scores.nanmean([r.get(k, math.nan) for r in rows])[0] for k in keys}
 
 
 def _row(category: str, rows: Sequence[dict], keys: Sequence[str], **extra) -> dict:
