@@ -20,7 +20,9 @@ Architecture (`vit.VisionTransformer`): patch conv with bias, no pre-norm, Layer
 
 EMU-Edit DINO score (`ClsSimilarity`, MagicBrush `evaluation/image_eval.py`): cosine of the final-norm CLS features of
 the source and the output, each prepared as torchvision Resize(256, bicubic) -> CenterCrop(224) -> /255 -> ImageNet
-mean / std (PIL's bicubic resize, as torchvision applies to PIL images).
+mean / std (PIL's bicubic resize, as torchvision applies to PIL images); the preprocessing matches torchvision 0.28.0's
+transforms to 1e-5 (tests/test_eval_models.py). The torch-hub layout is checked against a plain PyTorch DINO forward
+(tests/test_eval_pie.py, 2e-4).
 """
 import json
 import pathlib

@@ -3,7 +3,8 @@
 Inputs: `data_pipelines.benchmarks.Sample`s and their outputs as uint8 (H, W, 3) at the source's size.
 Per-sample metrics (NaN where the metric's model is not given or the value is undefined):
   emu_edit       clip_i, clip_out, clip_dir (CLIP ViT-B/32, `clip.emu_edit_metrics`: raw cosines), dino (cosine of
-                 DINO CLS features, `dino.ClsSimilarity`), l1 (mean |output - source| on [0, 1] pixels)
+                 DINO CLS features, `dino.ClsSimilarity`), l1 (mean |output - source| on [0, 1] pixels: MagicBrush's
+                 nn.L1Loss on ToTensor images, the output resized to the source first)
   pie_bench      structure_distance, psnr, lpips, mse, ssim (`pie_metrics`), clip_whole, clip_edit (CLIP ViT-L/14
                  CLIPScore / 100: the scale of the paper's Table 1, e.g. 0.266, where PnPInversion prints x100)
   gedit          sc, pq, o (judge, `bench_judges`)
