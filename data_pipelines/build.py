@@ -1,7 +1,9 @@
 """Builds a record dataset (see `data_pipelines.records`) from a raw edit dataset.
 
-  python -m data_pipelines.build --format {seed_edit,imgedit,webdataset,toy} --src PATH --out DIR [--num N]
-      [--filter-scores FILE --min-score X] [--min-side PX] [--max-aspect R] [--shard-size K]
+  python -m data_pipelines.build --format {seed_edit,imgedit,webdataset,jsonl,parquet,toy} --src PATH --out DIR
+      [--num N] [--filter-scores FILE --min-score X] [--min-side PX] [--max-aspect R] [--shard-size K]
+  python -m data_pipelines.build --format jsonl --src pairs.jsonl --out DIR      # your own pairs (`pairs`)
+  python -m data_pipelines.build --format parquet --src DIR --out DIR [--columns source=A,target=B,instruction=C]
   python -m data_pipelines.build --format toy --out DIR --num N [--size 64] [--seed S]
 
 Re-running the same command after an interruption finishes the build: committed chunks are kept, their pairs are
@@ -18,11 +20,11 @@ import os
 import sys
 import time
 
-from data_pipelines import imgedit, seed_edit, toy, webdataset
+from data_pipelines import imgedit, pairs, seed_edit, toy, webdataset
 from data_pipelines.records import DUPLICATE_ID, BuildDir, Checks, Filtered, Scores, Skip, to_record
 from varedit_jax import storage
 
-FORMATS = ("seed_edit", "imgedit", "webdataset", "toy")
+FORMATS = ("seed_edit", "imgedit", "webdataset", "jsonl", "parquet", "toy")
 log = logging.getLogger("data_pipelines")
 
 
@@ -37,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-side", type=int, default=0, help="skip pairs with an image side below PX")
     parser.add_argument("--max-aspect", type=float, help="skip pairs with an image aspect ratio (long/short) above R")
     parser.add_argument("--imgedit-multiturn", action="store_true", help="also read ImgEdit multi-turn parquets")
+    parser.add_argument("--columns", help="--format parquet: ROLE=COLUMN,... for the roles source, target, "
+                        "instruction [, mask] (default: columns named after the roles)")
     parser.add_argument("--size", type=int, default=64, help="toy image size in px")
     parser.add_argument("--seed", type=int, default=0, help="toy dataset seed")
     parser.add_argument("--shard-size", type=int, default=1000, help="records per shard (and per commit)")
@@ -56,6 +60,8 @@ def validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         parser.error("--num must be >= 1")
     if args.shard_size < 1:
         parser.error("--shard-size must be >= 1")
+    if args.columns is not None and args.format != "parquet":
+        parser.error("--columns goes with --format parquet")
 
 
 def make_reader(args: argparse.Namespace):
@@ -65,12 +71,17 @@ def make_reader(args: argparse.Namespace):
         return imgedit.Reader(args.src, include_multiturn=args.imgedit_multiturn)
     if args.format == "webdataset":
         return webdataset.Reader(args.src)
+    if args.format == "jsonl":
+        return pairs.JsonlReader(args.src)
+    if args.format == "parquet":
+        return pairs.ParquetReader(args.src, pairs.parse_columns(args.columns))
     return toy.Reader(args.num, size=args.size, seed=args.seed)
 
 
 def options(args: argparse.Namespace) -> dict:
     """What defines the dataset in DIR (stored in build.json; --num and --shard-size may change between runs)."""
     return {"format": args.format, "src": os.fspath(storage.path(args.src)) if args.src else None,
+            **({"columns": args.columns} if args.format == "parquet" else {}),
             "filter_scores": os.fspath(storage.path(args.filter_scores)) if args.filter_scores else None,
             "min_score": args.min_score, "min_side": args.min_side, "max_aspect": args.max_aspect,
             "imgedit_multiturn": args.imgedit_multiturn if args.format == "imgedit" else None,

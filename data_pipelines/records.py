@@ -38,7 +38,7 @@ import grain
 import msgpack
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from varedit_jax import storage
 
@@ -201,6 +201,26 @@ def decode_record(data: bytes) -> dict:
     if not isinstance(record, dict) or set(RECORD_KEYS) - set(record):
         raise ValueError(f"record does not follow schema v{SCHEMA_VERSION} (keys {RECORD_KEYS})")
     return record
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> uint8 (H, W, 3) RGB; raises ValueError when they do not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot decode image: {e}") from e
+
+
+def read_image(path) -> np.ndarray:
+    """An image file (local or gs://) -> uint8 (H, W, 3) RGB; raises FileNotFoundError / ValueError."""
+    path = storage.path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no image at {path}")
+    try:
+        return decode_image(path.read_bytes())
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
 
 
 def decode_mask(data: bytes) -> np.ndarray:
@@ -375,7 +395,7 @@ def stage(path, stage_dir) -> str:
     already there with their size are kept (a restarted run does not copy again). Refused (OSError) when the
     shards do not fit the free disk; local datasets are returned as they are."""
     if not storage.is_remote(path):
-        return os.fspath(storage.path(path))
+        return path
     src = storage.path(path)
     dst = storage.path(stage_dir) / storage.bucket_of(src) / os.fspath(src).split("/", 3)[3]
     dst.mkdir(parents=True, exist_ok=True)
@@ -406,8 +426,42 @@ def open_records(paths: str | Sequence[str]) -> grain.sources.ArrayRecordDataSou
         raise
 
 
+class Pairs:
+    """Random access over datasets in order: record dataset directories and TFDS builds named "tfds:NAME@DATA_DIR"
+    (`tfds_builders`). `pairs[i]` is the raw item (serialized record bytes, or a TFDS pair's record dict) and
+    `Pairs.decode(raw)` its record dict (images as encoded bytes), so reading and decoding fail separately."""
+
+    def __init__(self, paths: str | Sequence[str]):
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        self.parts, shards = [], []
+        for path in paths + ["tfds:"]:  # a sentinel flushes the last run of record directories
+            if not str(path).startswith("tfds:"):
+                shards.append(path)
+                continue
+            if shards:
+                self.parts.append(open_records(shards))
+                shards = []
+            if path != "tfds:":
+                from data_pipelines import tfds_builders
+                self.parts.append(tfds_builders.PairSource(str(path)))
+        if not paths:
+            raise ValueError("no dataset paths given")
+        self.ends = np.cumsum([len(p) for p in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.ends[-1])
+
+    def __getitem__(self, index: int):
+        part = int(np.searchsorted(self.ends, index, side="right"))
+        return self.parts[part][index - (int(self.ends[part - 1]) if part else 0)]
+
+    @staticmethod
+    def decode(raw) -> dict:
+        return raw if isinstance(raw, dict) else decode_record(raw)
+
+
 def iter_records(paths: str | Sequence[str]) -> Iterator[dict]:
-    """Decoded records of finished datasets, in storage order."""
-    source = open_records(paths)
-    for i in range(len(source)):
-        yield decode_record(source[i])
+    """Decoded records of finished datasets (or TFDS builds, see `Pairs`), in storage order."""
+    pairs = Pairs(paths)
+    for i in range(len(pairs)):
+        yield pairs.decode(pairs[i])

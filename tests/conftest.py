@@ -30,7 +30,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import pytest  # noqa: E402
 
 import gcs_emulator  # noqa: E402
-from helpers import small_config  # noqa: E402
+from helpers import small_config, torchvision_without_cuda_ops  # noqa: E402
+
+torchvision_without_cuda_ops()  # before anything imports torchvision (lpips, transformers): see its docstring
 
 _EMULATOR = gcs_emulator.reserve(os.path.join(_SESSION, "gcs"))
 

@@ -4,9 +4,13 @@ Parity tests read fixtures from `$VAREDIT_FIXTURES` (default: tests/fixtures, co
 Cases come from each folder's own index (`quantizer/cases.json`, `config.json["cases"]`, `t5/prompts.json`),
 never from file names. A missing folder skips with a reason; a malformed index fails the run at collection.
 """
+import importlib.util
 import json
 import os
 import pathlib
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -104,3 +108,88 @@ def data_digests(workdir) -> dict:
     from varedit_jax import storage
     rows = [json.loads(line) for line in (storage.path(workdir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["data_digest"] for r in rows if r["split"] == "train"}
+
+
+def torchvision_without_cuda_ops() -> bool:
+    """Lets `import torchvision` work beside the CPU torch wheel; returns whether it had to.
+
+    PyPI has only CUDA builds of torchvision (0.28.0 for torch 2.13.0): beside torch 2.13.0+cpu its C extension
+    (_C.so, linked against libtorch_cuda) does not load, and `import torchvision` then fails in
+    `_meta_registrations` ("operator torchvision::nms does not exist") - which also breaks transformers, which imports
+    torchvision when it is installed. Defining the schemas of the two operators it registers unguarded (nms, qnms)
+    makes the import work; the pure-Python models (SqueezeNet for lpips) need none of the C ops. Does nothing when
+    torchvision is absent or its extension loads.
+    """
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    import torch
+    library = next(pathlib.Path(spec.submodule_search_locations[0]).glob("_C*.so"), None)
+    try:
+        torch.ops.load_library(str(library))
+        return False
+    except (OSError, RuntimeError, TypeError):
+        pass
+    lib = torch.library.Library("torchvision", "DEF")
+    for op in ("nms", "qnms"):
+        lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    torchvision_without_cuda_ops.library = lib  # kept alive: the schemas live as long as the Library object
+    return True
+
+
+class FakeServer:
+    """A fake OpenAI-compatible chat-completions endpoint on 127.0.0.1 (a daemon thread; `close()` stops it).
+
+    replies[instruction] = text, or an int HTTP status, for prompts ending in "Editing instruction: <instruction>";
+    fail_first[instruction] = n answers 500 to the first n requests of that instruction; `route(text, body)` (if set)
+    answers any other prompt (text or status). Every request is recorded in `requests`."""
+
+    def __init__(self, route=None):
+        self.replies, self.fail_first, self.requests = {}, {}, []
+        self.lock = threading.Lock()
+        self.in_flight = self.max_in_flight = 0
+        self.delay = 0.0
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                text = body["messages"][0]["content"][0]["text"]
+                instruction = text.rsplit("Editing instruction: ", 1)[-1].strip()
+                with server.lock:
+                    server.requests.append(dict(path=self.path, body=body, auth=self.headers.get("Authorization")))
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    failures = server.fail_first.get(instruction, 0)
+                    server.fail_first[instruction] = max(failures - 1, 0)
+                time.sleep(server.delay)
+                routed = route(text, body) if route is not None else None
+                reply = 500 if failures else routed if routed is not None else server.replies.get(
+                    instruction, '{"score": [5, 5]}')
+                with server.lock:
+                    server.in_flight -= 1
+                if isinstance(reply, int):
+                    self.send_response(reply)
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "canned failure"}')
+                    return
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.timeout = 5
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=5)

@@ -1,4 +1,4 @@
-"""Benchmark loaders (varedit_jax/eval/benchmarks.py) on tiny synthetic copies written in the real layouts."""
+"""Benchmark loaders (data_pipelines/benchmarks.py) on tiny synthetic copies written in the real layouts."""
 import io
 import json
 import logging
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from varedit_jax.eval import benchmarks as bm
+from data_pipelines import benchmarks as bm
 
 pa = pytest.importorskip("pyarrow", reason="the EMU-Edit / GEdit-Bench loaders need the data extra (pyarrow)")
 import pyarrow.parquet as pq  # noqa: E402

@@ -1,74 +1,19 @@
 """GPT-Balance judge client (varedit_jax/eval/judge.py) against a fake OpenAI-compatible server on 127.0.0.1.
 
-The server runs in a daemon thread for the module's tests only, answers canned replies keyed by the instruction in
-the prompt, and is shut down at teardown; every request loop in the client is bounded (retries, timeouts).
+The server (`helpers.FakeServer`) runs in a daemon thread for the module's tests only, answers canned replies keyed by
+the instruction in the prompt, and is shut down at teardown; every request loop in the client is bounded (retries, timeouts).
 """
 import base64
 import io
 import json
 import math
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import FakeServer
 from varedit_jax.eval import judge as jd
-
-
-class FakeServer:
-    """Chat-completions endpoint: replies[instruction] = text, or an int HTTP status; fail_first[instruction] = n
-    answers 500 to the first n requests of that instruction."""
-
-    def __init__(self):
-        self.replies, self.fail_first, self.requests = {}, {}, []
-        self.lock = threading.Lock()
-        self.in_flight = self.max_in_flight = 0
-        self.delay = 0.0
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                text = body["messages"][0]["content"][0]["text"]
-                instruction = text.rsplit("Editing instruction: ", 1)[1].strip()
-                with server.lock:
-                    server.requests.append(dict(path=self.path, body=body, auth=self.headers.get("Authorization")))
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                    failures = server.fail_first.get(instruction, 0)
-                    server.fail_first[instruction] = max(failures - 1, 0)
-                time.sleep(server.delay)
-                reply = 500 if failures else server.replies.get(instruction, '{"score": [5, 5]}')
-                with server.lock:
-                    server.in_flight -= 1
-                if isinstance(reply, int):
-                    self.send_response(reply)
-                    self.end_headers()
-                    self.wfile.write(b'{"error": "canned failure"}')
-                    return
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.timeout = 5
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
-        self.thread.start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(timeout=5)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ finest / sar) with the same budget, seeds and data order, evaluate each, and wri
   python -m varedit_jax.ablate --config CFG --conditioning full,finest,sar --workdir DIR [--seeds 0,1,2]
       [--eval-pairs 64] [--guidance 4] [--tau 0.5] [--config.FIELD=VALUE ...]
   python -m varedit_jax.ablate --config configs/varedit_2b_256.py --plan-only     # no training: lengths, sizes, FLOPs
+  python -m varedit_jax.ablate ... --benchmark emu_edit --data DIR [--clip DIR] [--judge URL ...]   # on a benchmark
 
 Runs live in DIR/<conditioning>/seed<k>/ (training workdirs: an interrupted sweep resumes each run where it stopped; a
 finished run is not retrained and a finished evaluation, cached in eval.json, is not redone). Evaluation edits the
@@ -13,6 +14,9 @@ them with `eval.toy_metrics` (success / preservation / balance on 0-10, the copy
 Outputs: DIR/results.{md,csv,json} (rows per conditioning and seed, mean ± std over seeds) and DIR/grids/*.png (source |
 target | output with the instruction) per run. On a TPU pod (`--distributed`, as `launch/ablate.sh --tpu ...` runs
 it) every process trains and edits together and process 0 writes; DIR must then be a filesystem every host shares.
+With `--benchmark` (and `evaluate`'s data / metric-model flags) each run is instead evaluated on that benchmark by
+`evaluate.Evaluation` into RUN/eval_<benchmark>/ (resumable as `evaluate` is), and the table holds each run's overall
+row of the benchmark's metrics (no reference rows).
 """
 import argparse
 import dataclasses
@@ -29,9 +33,9 @@ from etils import epath
 from flax import nnx
 
 from data_pipelines import records
-from varedit_jax import (assets, checkpoint, conditioning, configlib, distributed, editor, images, loading, plan,
-                         sampler, schedules, storage, train, train_config, transformer)
-from varedit_jax.eval import report, toy_metrics
+from varedit_jax import (assets, checkpoint, conditioning, configlib, distributed, editor, evaluate, images, loading,
+                         plan, sampler, schedules, storage, train, train_config, transformer)
+from varedit_jax.eval import report, suites, toy_metrics
 from varedit_jax.train_step import sequence_layout
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -123,21 +127,39 @@ def reference_rows(config, eval_set: dict) -> list[dict]:
     return [dict(conditioning=name, **toy_metrics.summarize_toy(per)) for name, per in refs.items()]
 
 
-def _mean_std(rows: list[dict], mode: str) -> dict:
+def _mean_std(rows: list[dict], mode: str, keys) -> dict:
     out = {"conditioning": mode, "seed": "mean ± std"}
-    for k in ("input_length", "train_step_s", "final_loss", "s_per_edit", *SCORES):
+    for k in ("input_length", "train_step_s", "final_loss", "s_per_edit", *keys):
         values = np.array([r[k] for r in rows if r.get(k) is not None], float)
         if len(values):
             out[k] = f"{values.mean():.3f} ± {values.std():.3f}" if k != "input_length" else int(values[0])
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """`--benchmark`: evaluate each run with `evaluate.Evaluation` (these settings, the run's seed) and models."""
+    settings: evaluate.Settings
+    models: suites.MetricModels
+
+    def evaluate_run(self, run: pathlib.Path, seed: int) -> dict:
+        """The run's overall row of the benchmark (its first overall row: GEdit's first language)."""
+        settings = dataclasses.replace(self.settings, seed=seed)
+        table = evaluate.Evaluation(run, run / f"eval_{settings.benchmark}", settings, self.models).run(progress=False)
+        overall = next(r for r in table if r["category"].startswith("overall"))
+        return {k: v for k, v in overall.items() if k != "category"}
+
+    def keys(self) -> list[str]:
+        return [c for c in suites.columns(self.settings.benchmark) if c not in ("category", "n", "s_per_edit")]
+
+
 def sweep(config: ml_collections.ConfigDict, modes, seeds, workdir, *, eval_pairs: int,
-          options: sampler.SamplingOptions) -> list[dict]:
+          options: sampler.SamplingOptions, benchmark: Benchmark | None = None) -> list[dict]:
     """Trains / evaluates every (conditioning, seed) run; writes and returns the table rows."""
     workdir = storage.path(workdir)
     config = assets.resolve(config)
-    eval_set = _arrays(_eval_pairs(config, eval_pairs))
+    eval_set = _arrays(_eval_pairs(config, eval_pairs)) if benchmark is None else None
+    keys = list(SCORES) if benchmark is None else benchmark.keys()
     rows, per_mode = [], {}
     for mode in modes:
         for seed in seeds:
@@ -145,25 +167,31 @@ def sweep(config: ml_collections.ConfigDict, modes, seeds, workdir, *, eval_pair
             c = run_config(config, mode, seed)
             print(f"== {mode} seed {seed}: {run}", flush=True)
             summary = train.train(c, run)
-            ev = evaluate_run(run, eval_set, dataclasses.replace(options, seed=seed),
-                              grid=workdir / "grids" / f"{mode}_seed{seed}.png")
+            if benchmark is None:
+                ev = evaluate_run(run, eval_set, dataclasses.replace(options, seed=seed),
+                                  grid=workdir / "grids" / f"{mode}_seed{seed}.png")
+            else:
+                ev = benchmark.evaluate_run(run, seed)
             row = {"conditioning": mode, "seed": seed, "input_length": sequence_layout(c, c.data.templates[0]).length,
                    "steps": summary["step"], "train_step_s": summary["step_time_s"],
-                   "final_loss": summary["final_loss"], "s_per_edit": ev["s_per_edit"],
-                   **{k: ev[k] for k in SCORES}, "n": ev["n"]}
+                   "final_loss": summary["final_loss"], "s_per_edit": ev.get("s_per_edit"),
+                   **{k: ev.get(k) for k in keys}, "n": ev["n"]}
             rows.append(row)
             per_mode.setdefault(mode, []).append(row)
     if len(seeds) > 1:
-        rows += [_mean_std(r, s) for s, r in per_mode.items()]
-    rows += reference_rows(config, eval_set)
+        rows += [_mean_std(r, s, keys) for s, r in per_mode.items()]
+    if benchmark is None:
+        rows += reference_rows(config, eval_set)
     if jax.process_index() != 0:
         return rows
-    columns = ["conditioning", "seed", "input_length", "steps", "train_step_s", "final_loss", "s_per_edit", *SCORES, "n"]
+    columns = ["conditioning", "seed", "input_length", "steps", "train_step_s", "final_loss", "s_per_edit", *keys, "n"]
+    what = f"{eval_pairs} held-out pairs" if benchmark is None else benchmark.settings.benchmark
     paths = report.write_table(rows, workdir, "results", columns=columns,
-                               title=f"Conditioning ablation ({config.pn}, {len(seeds)} seed(s), {eval_pairs} "
-                                     f"held-out pairs, guidance {options.guidance}, tau {options.tau})")
+                               title=f"Conditioning ablation ({config.pn}, {len(seeds)} seed(s), {what}, "
+                                     f"guidance {options.guidance}, tau {options.tau})")
     print(paths["md"].read_text())
-    print(f"tables: {paths['md']} {paths['csv']} {paths['json']}\ngrids: {workdir / 'grids'}", flush=True)
+    grids = workdir / "grids" if benchmark is None else workdir / "<conditioning>/seed<k>/eval_*/grid.png"
+    print(f"tables: {paths['md']} {paths['csv']} {paths['json']}\ngrids: {grids}", flush=True)
     return rows
 
 
@@ -186,6 +214,18 @@ def _modes(value: str) -> list[str]:
     return out
 
 
+def _benchmark(args, config: ml_collections.ConfigDict) -> Benchmark:
+    data = args.data or (",".join(assets.resolve(config).eval_data.paths) if args.benchmark == "toy" else None)
+    if not data:
+        raise ValueError(f"--benchmark {args.benchmark} needs --data (the benchmark's local copy)")
+    settings = evaluate.Settings(args.benchmark, data, args.guidance, args.tau, 0, args.resolution, args.preprocess,
+                                 args.language, args.limit, args.batch_size)
+    models = evaluate.load_models(args.benchmark, clip=args.clip, dino=args.dino, lpips=args.lpips,
+                                  judge_url=args.judge, judge_model=args.judge_model, data=data,
+                                  cache_dir=str(pathlib.Path(args.workdir) / "judge_cache"))
+    return Benchmark(settings, models)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m varedit_jax.ablate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,6 +238,9 @@ def main(argv=None) -> int:
     parser.add_argument("--guidance", type=float, default=sampler.DEFAULT_GUIDANCE)
     parser.add_argument("--tau", type=float, default=sampler.DEFAULT_TAU)
     parser.add_argument("--plan-only", action="store_true", help="print the rows that need no training and exit")
+    parser.add_argument("--benchmark", choices=suites.BENCHMARKS, help="evaluate on this benchmark (`evaluate`) "
+                        "instead of the toy held-out pairs")
+    evaluate.add_model_flags(parser)
     parser.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (TPU pods)")
     parser.add_argument("--coordinator", help="coordinator HOST:PORT of an explicit multi-process run")
     parser.add_argument("--num_processes", type=int, help="processes of an explicit multi-process run")
@@ -211,8 +254,9 @@ def main(argv=None) -> int:
             return 0
         distributed.init_distributed([config], args.distributed, args.coordinator, args.num_processes, args.process_id)
         sweep(config, args.conditioning, args.seeds, args.workdir, eval_pairs=args.eval_pairs or config.toy.eval_pairs,
-              options=sampler.SamplingOptions(guidance=args.guidance, tau=args.tau))
-    except (ValueError, KeyError, FileNotFoundError) as e:
+              options=sampler.SamplingOptions(guidance=args.guidance, tau=args.tau),
+              benchmark=_benchmark(args, config) if args.benchmark else None)
+    except (ValueError, KeyError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

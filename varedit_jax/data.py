@@ -1,5 +1,8 @@
 """Training input pipeline: record datasets (`data_pipelines.records`) -> per-step batches of edit pairs.
 
+`config.paths` holds record dataset directories and / or TFDS builds named "tfds:NAME@DATA_DIR"
+(`data_pipelines.tfds_builders`, e.g. "tfds:seed_edit@/data/tfds"), read in order as one dataset (`records.Pairs`).
+
 Pipeline (grain Dataset API; every process builds the same global order from the same seed):
 
   MapDataset.range(num_records).shuffle(seed).repeat(num_epochs)   global order of record indices (reshuffled
@@ -47,7 +50,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from data_pipelines import records
-from data_pipelines.records import decode_record, open_records
+from data_pipelines.records import Pairs
 from varedit_jax import images, schedules, storage
 
 log = logging.getLogger(__name__)
@@ -62,7 +65,7 @@ Tokenizer = Callable[[Sequence[str], int], tuple[np.ndarray, np.ndarray]]
 def default_config() -> ml_collections.ConfigDict:
     """The `config.data` fields `make_dataset` reads."""
     c = ml_collections.ConfigDict()
-    c.paths = ()                # record dataset directories (concatenated, as the official SEED + ImgEdit lists)
+    c.paths = ()                # record dataset dirs / "tfds:NAME@DATA_DIR" (concatenated, as the official SEED + ImgEdit)
     c.pn = "0.06M"              # size class: 0.06M (256 px with stride 16), 0.25M (512), 0.60M (768), 1M (1024)
     c.stride = schedules.OFFICIAL_STRIDE  # tokenizer pixels per latent cell (16 official, 4 for the toy tokenizer)
     c.templates = ("1.0",)      # aspect templates (h/w) drawn per step; the official trainer uses only 1.0
@@ -160,7 +163,7 @@ class LoadPair:
 
     def __init__(self, paths: Sequence[str], *, seed: int, local_batch: int, templates: Sequence[str], pn: str,
                  stride: int, tokenizer: Tokenizer, max_text_len: int):
-        self.records = open_records(list(paths))
+        self.records = Pairs(list(paths))
         self.seed, self.local_batch, self.templates = seed, local_batch, tuple(templates)
         self.sizes = {t: image_size(t, pn, stride) for t in self.templates}
         self.tokenizer, self.max_text_len = tokenizer, max_text_len
@@ -172,7 +175,7 @@ class LoadPair:
         try:
             data = self.records[record_index]
             stage = "decode"
-            example = preprocess(decode_record(data), size)
+            example = preprocess(Pairs.decode(data), size)
             stage = "text"
             ids, mask = self.tokenizer([example["instruction"]], self.max_text_len)
         except Exception as e:  # corrupt data surfaces as many exception types (PIL, msgpack, tokenizer, ...)

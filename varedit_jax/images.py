@@ -10,15 +10,17 @@ An image is uint8 in [0, 255] or floating point in [-1, 1] (the model convention
                    being clipped silently.
   cover_resize     PIL resize to cover (H, W) keeping the aspect, then centre crop (the official training transform)
   psnr / psnr_from_mse  10 log10(data_range^2 / MSE), inf for identical images
+  decode / read    encoded bytes / an image file (local or gs://) -> uint8 RGB (`data_pipelines.records`' readers)
 Masks are (H, W) (or (B, H, W)) with 1 / True = edited pixel.
 """
 import hashlib
 import io
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from varedit_jax import storage
+from data_pipelines.records import decode_image as decode, read_image as read  # noqa: F401 (this module's API)
+
 
 _TOLERANCE = 1e-3
 
@@ -90,27 +92,6 @@ def check_mask(mask, shape: tuple[int, int]) -> np.ndarray:
     if m.shape != tuple(shape):
         raise ValueError(f"mask shape {m.shape} does not match the image's {tuple(shape)}")
     return m.astype(bool)
-
-
-def decode(data: bytes) -> np.ndarray:
-    """Encoded image bytes -> uint8 (H, W, 3) RGB; raises ValueError when they do not decode."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot decode image: {e}") from e
-
-
-def read(path) -> np.ndarray:
-    """An image file (local or gs://) -> uint8 (H, W, 3) RGB; raises FileNotFoundError / ValueError."""
-    path = storage.path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no image at {path}")
-    data = path.read_bytes()
-    try:
-        return decode(data)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
 
 
 def png_bytes(image) -> bytes:

@@ -8,16 +8,19 @@ Modules
   scores       balance (harmonic mean, 0 if either score is 0) and summarize (mean of per-sample balances + the
                balance of the means, undefined samples counted)
   toy_metrics  exact toy-task success / preservation / balance (0-10) and the copy-source / oracle reference rows
-  benchmarks   EMU-Edit (parquet), PIE-Bench (mapping_file.json + RLE masks), GEdit-Bench (Arrow) loaders -> Sample
+  (the benchmark loaders -> Sample live in `data_pipelines.benchmarks`: EMU-Edit, PIE-Bench, ImgEdit-Bench, GEdit-Bench)
   vit          the pre-norm transformer encoder and ViT shared by CLIP and DINO (Flax NNX)
   clip_tokenizer, clip   CLIP from a Hugging Face folder; CLIP-Out / CLIP-Dir / CLIP-I (EMU-Edit), CLIP-Whole /
                CLIP-Edit (PIE-Bench)
-  dino, lpips, pie_metrics   PIE-Bench structure distance (DINO ViT-B/8) and unedited-region PSNR / MSE / SSIM /
-               LPIPS-squeeze
+  dino, lpips, pie_metrics   DINO (HF ViTModel folders or torch-hub files; EMU-Edit CLS similarity, PIE-Bench
+               structure distance) and unedited-region PSNR / MSE / SSIM / LPIPS-squeeze (the lpips package's layout)
   judge        GPT-Suc. / GPT-Over. / GPT-Bal. with any OpenAI-compatible endpoint (prompt of the paper's Figure 9)
+  bench_judges GEdit-Bench SC / PQ / O and ImgEdit-Bench per-type scores through the same judge
+  suites       each benchmark's per-sample metrics and result table (what `python -m varedit_jax.evaluate` runs)
   report       Markdown + CSV + JSON tables, image grids (source | [target] | output + instruction)
-Parity of the CLIP / DINO / LPIPS metrics with the reference metric code is unverified (no real weights here); the
-tests check them against PyTorch implementations on tiny random weights.
+Verified against the reference libraries on tiny random weights: CLIP vs transformers.CLIPModel, DINO vs
+transformers.ViTModel, LPIPS vs lpips.LPIPS (its real linear heads), SSIM / PSNR / MSE vs torchmetrics; numbers with
+the real released weights are not reproduced here (no weights can be fetched).
 
 What an ablation sweep calls (per strategy; batches as `varedit_jax.data` yields them, outputs from the sampler):
   from varedit_jax.eval import report, toy_metrics
@@ -30,8 +33,9 @@ What an ablation sweep calls (per strategy; batches as `varedit_jax.data` yields
         # {"copy_source": per-sample, "oracle": per-sample}; summarize each the same way
   report.write_table(rows, workdir, "results", title=...)        # results.md / .csv / .json
   report.save_grid(workdir / "grids" / f"{strategy}.png", sources, instructions, outputs, targets=targets)
-Benchmarks: `benchmarks.emu_edit(root)` / `pie_bench(root)` / `gedit_bench(root)` with a `benchmarks.Skips()`;
-`clip.load_clip(folder)` + `clip.emu_edit_metrics` / `clip.pie_bench_metrics`; `pie_metrics.evaluate(...)` with
-`pie_metrics.StructureDistance(dino.load_dino(path))` and `lpips.load_lpips(backbone, heads)`;
+Benchmarks: `python -m varedit_jax.evaluate` (`evaluate.Evaluation`), or by hand:
+`data_pipelines.benchmarks.load(name, root, skips)`; `clip.load_clip(folder)` + `clip.emu_edit_metrics` /
+`clip.pie_bench_metrics`; `pie_metrics.evaluate(...)` with `pie_metrics.StructureDistance(dino.load_dino(path))` and
+`lpips.load_lpips(path)`; `suites.score(benchmark, samples, outputs, suites.MetricModels(...))`;
 `judge.Judge(judge.JudgeConfig(base_url=..., model=..., cache_dir=...)).judge(items)` + `judge.summarize_judge`.
 """

@@ -1,8 +1,9 @@
 """CLIP in Flax NNX on Hugging Face `openai/clip-vit-*` folders from disk, and the CLIP editing metrics.
 
-Parity with the reference metric code (InstructPix2Pix `ClipSimilarity` for EMU-Edit, torchmetrics `CLIPScore` for
-PIE-Bench) is UNVERIFIED here: no real CLIP weights can be fetched in this project. The tests check the model
-against the Hugging Face PyTorch implementation on tiny random weights and the formulas against numpy.
+Verified (tests/test_eval_clip.py, tiny random weights): the embeddings match `transformers.CLIPModel` (5.x) to 2e-5
+absolute after normalisation, the preprocessing `CLIPImageProcessor` to 1e-6, the tokenizer `CLIPTokenizerFast`
+exactly, the metric formulas numpy. Numbers with the real weights (InstructPix2Pix `ClipSimilarity` for EMU-Edit,
+torchmetrics `CLIPScore` for PIE-Bench) are not reproduced here: no real CLIP weights can be fetched.
 
 Folder layout (the user's download of e.g. `openai/clip-vit-base-patch32`): `config.json` (`text_config`,
 `vision_config`, `projection_dim`; missing fields take the HF CLIPConfig defaults), `model.safetensors` (or

@@ -261,9 +261,12 @@ class Judge:
         self.requests_sent = 0
 
     def body(self, item: JudgeItem) -> dict:
-        content = [{"type": "text", "text": render_prompt(item.instruction)},
-                   {"type": "image_url", "image_url": {"url": _data_url(item.source)}},
-                   {"type": "image_url", "image_url": {"url": _data_url(item.edited)}}]
+        return self.body_for(render_prompt(item.instruction), [item.source, item.edited])
+
+    def body_for(self, text: str, images: Sequence) -> dict:
+        """One user message: `text`, then each image as a PNG data URL, in order."""
+        content = [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": _data_url(im)}}
+                                                      for im in images]
         body = {"model": self.config.model, "messages": [{"role": "user", "content": content}]}
         if self.config.temperature is not None:
             body["temperature"] = self.config.temperature
@@ -302,20 +305,29 @@ class Judge:
                         last)
         raise JudgeError(f"judge request to {self.url} failed after {self.config.max_retries + 1} attempts: {last}")
 
+    def ask(self, key: str, item_id: str, text: str, images: Sequence, **meta) -> tuple[str | None, bool, str | None]:
+        """(reply, cached, error) of one request (`body_for(text, images)`), through the cache under `key`; a failed
+        request gives (None, False, why). `meta` goes into the cache record."""
+        reply = self.cache.get(key) if self.cache else None
+        if reply is not None:
+            return reply, True, None
+        try:
+            reply = self._post(self.body_for(text, images))
+        except JudgeError as e:
+            return None, False, str(e)
+        if self.cache:
+            self.cache.put(key, dict(key=key, id=item_id, model=self.config.model, reply=reply, time=time.time(),
+                                     **meta))
+        return reply, False, None
+
     def judge_one(self, item: JudgeItem) -> JudgeResult:
         key = request_key(self.config.model, item.instruction, imgs.pixel_hash(item.source),
                           imgs.pixel_hash(item.edited))
-        reply = self.cache.get(key) if self.cache else None
-        cached = reply is not None
-        if not cached:
-            try:
-                reply = self._post(self.body(item))
-            except JudgeError as e:
-                nan = float("nan")
-                return JudgeResult(item.id, nan, nan, nan, None, False, str(e))
-            if self.cache:
-                self.cache.put(key, dict(key=key, id=item.id, model=self.config.model, prompt=PROMPT_VERSION,
-                                         instruction=item.instruction, reply=reply, time=time.time()))
+        reply, cached, error = self.ask(key, item.id, render_prompt(item.instruction), [item.source, item.edited],
+                                        prompt=PROMPT_VERSION, instruction=item.instruction)
+        if error is not None:
+            nan = float("nan")
+            return JudgeResult(item.id, nan, nan, nan, None, False, error)
         parsed = parse_scores(reply)
         if parsed is None:
             nan = float("nan")

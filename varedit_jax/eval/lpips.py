@@ -11,8 +11,10 @@ Computation (inputs NHWC in [-1, 1]): x = (x - shift) / scale (shift -0.030, -0.
 0.450); the 7 ReLU outputs of SqueezeNet 1.1 (after conv1, fire3-4, fire5-6, fire7, fire8, fire9, fire10 with
 3x3 / stride 2 ceil-mode max pools between groups); each normalised over channels by sqrt(sum x^2 + 1e-8);
 d_k = squared difference, weighted channel sum by head k, mean over space; LPIPS = sum over k.
-Parity with torchmetrics on the real weights is UNVERIFIED here (no ImageNet SqueezeNet weights available); the tests
-compare against a plain PyTorch implementation on random weights.
+Verified: equal to `lpips.LPIPS(net="squeeze", pnet_rand=True)` of lpips 0.1.4 (with torchvision 0.28.0 / torch
+2.13.0; its real linear heads from the wheel, a random backbone) to rtol 1e-4 in float32 (tests/test_eval_models.py),
+and to a plain PyTorch implementation (tests/test_eval_pie.py). With ImageNet SqueezeNet weights the numbers are then
+those of lpips / torchmetrics (which ships the same heads and architecture); that last step is not run here.
 """
 import pathlib
 import re
@@ -35,6 +37,7 @@ SLICE_ENDS = (1, 3, 4, 5, 6, 7)
 POOL_BEFORE = (0, 2, 4)
 CHANNELS = (64, 128, 256, 384, 384, 512, 512)
 _HEAD = re.compile(r"^lin(\d+)\.model\.\d+\.weight$")
+_SLICE = re.compile(r"^net\.slice\d+\.(\d+\..+)$")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -139,11 +142,45 @@ class LpipsMetric:
         return float(self.distances(np.asarray(a)[None], np.asarray(b)[None])[0])
 
 
-def load_lpips(backbone_path, heads_path) -> LpipsMetric:
-    """LPIPS-squeeze from the two weight files (see the module docstring)."""
-    backbone_path, heads_path = pathlib.Path(backbone_path).expanduser(), pathlib.Path(heads_path).expanduser()
-    params = params_from_state_dicts(state_dicts.read_state_dict(backbone_path), state_dicts.read_state_dict(heads_path),
-                                     f"{backbone_path} + {heads_path}")
+def split_lpips_state_dict(sd: dict[str, np.ndarray], what: str) -> tuple[dict, dict]:
+    """An `lpips.LPIPS(net="squeeze")` state dict -> (torchvision backbone dict, heads dict)."""
+    for name, want in (("shift", SHIFT), ("scale", SCALE)):
+        got = sd.get(f"scaling_layer.{name}")
+        if got is not None and not np.allclose(np.asarray(got).reshape(-1), want, atol=1e-6):
+            raise state_dicts.StateDictMismatch(f"{what}: scaling_layer.{name} is {np.ravel(got)}, expected {want}")
+    backbone = {f"features.{m.group(1)}": v for k, v in sd.items() if (m := _SLICE.match(k))}
+    heads = {k: v for k, v in sd.items() if _HEAD.match(k)}
+    if not backbone:
+        raise state_dicts.StateDictMismatch(f"{what}: no net.slice*.* keys: not an lpips.LPIPS(net='squeeze') "
+                                            f"state dict (keys start with {sorted(sd)[:4]})")
+    return backbone, heads
+
+
+def _released_files(folder: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+    backbones = sorted(p for p in folder.iterdir() if p.name.startswith("squeezenet1_1"))
+    heads = folder / "squeeze.pth"
+    if len(backbones) != 1 or not heads.is_file():
+        raise FileNotFoundError(f"{folder}: expected one squeezenet1_1*.pth / .safetensors (torchvision) and the "
+                                f"LPIPS heads squeeze.pth, found {sorted(p.name for p in folder.iterdir())}")
+    return backbones[0], heads
+
+
+def load_lpips(path, heads_path=None) -> LpipsMetric:
+    """LPIPS-squeeze from an lpips.LPIPS state-dict file, a folder of the two released files, or explicit
+    (backbone, heads) files (see the module docstring)."""
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"no LPIPS weights at {path}")
+    if heads_path is None and path.is_dir():
+        path, heads_path = _released_files(path)
+    if heads_path is None:
+        backbone, heads = split_lpips_state_dict(state_dicts.read_state_dict(path), str(path))
+        what = str(path)
+    else:
+        heads_path = pathlib.Path(heads_path).expanduser()
+        backbone, heads = state_dicts.read_state_dict(path), state_dicts.read_state_dict(heads_path)
+        what = f"{path} + {heads_path}"
+    params = params_from_state_dicts(backbone, heads, what)
     model = nnx.eval_shape(lambda: Lpips(rngs=nnx.Rngs(0)))
     load_param_dict(model, params)
     return LpipsMetric(model)

@@ -15,8 +15,10 @@ antialiasing, PIL's float resampling), ImageNet mean / std applied to those 0-25
 comparable numbers) - then the cosine self-similarity matrix of the (1 + N, C) keys (heads concatenated; eps 1e-8
 on the product of norms), and the MSE between the source's and the output's matrices.
 CLIP-Whole / CLIP-Edit are in `clip.py`. Aggregation: per-sample rows, column means ignoring NaN (`scores.nanmean`).
-Parity with the reference numbers is UNVERIFIED (no real DINO / LPIPS weights here); torchmetrics itself is the
-reference for PSNR / MSE / SSIM in the tests.
+Verified: SSIM (2e-6 absolute) and PSNR (1e-4 dB) against torchmetrics (tests/test_eval_pie.py), the structure
+preprocessing against torch's antialiased bilinear resize (0.05 on 0-1100 values), the DINO keys against
+transformers.ViTModel and the LPIPS against lpips.LPIPS (tests/test_eval_models.py); the reference numbers with the
+real DINO / SqueezeNet weights are not reproduced here (no weights can be fetched).
 """
 import functools
 from typing import Sequence
@@ -28,9 +30,8 @@ from PIL import Image
 
 from varedit_jax import images as imgs
 from varedit_jax.eval import scores
+from varedit_jax.eval.dino import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SSIM_SIGMA, SSIM_TAPS, SSIM_K1, SSIM_K2 = 1.5, 11, 0.01, 0.03
 STRUCTURE_SIZE, STRUCTURE_MAX_SIZE = 224, 480
 COLUMNS = ("structure_distance", "psnr", "lpips", "mse", "ssim", "clip_whole", "clip_edit")

@@ -2,7 +2,8 @@
 
 Each loader yields `Sample`s (id, source image uint8 (H, W, 3), instruction, source / target captions, edit mask or
 None, category) and records every sample it cannot use in a `Skips` (counted per reason, logged, listed).
-Reading needs pyarrow (the `data` extra) for EMU-Edit and GEdit-Bench.
+Reading needs pyarrow (the `data` extra) for EMU-Edit and GEdit-Bench. Imports nothing from `varedit_jax` (the TFDS
+builders in `tfds_builders` wrap these readers too).
 
 EMU-Edit (`facebook/emu_edit_test_set`): ROOT/data/{test,validation}-*.parquet, columns instruction, image (HF
   Image struct {bytes, path}), task, split, idx, hash, input_caption, output_caption. Use split "test" (3,589 rows):
@@ -17,6 +18,11 @@ PIE-Bench (cure-lab/PnPInversion): ROOT/mapping_file.json + ROOT/annotation_imag
 GEdit-Bench (`stepfun-ai/GEdit-Bench`): Arrow files (`save_to_disk` streams or Arrow IPC files) anywhere under ROOT,
   columns task_type, key, instruction, instruction_language ("en" / "cn"), input_image, input_image_raw,
   Intersection_exist; the source is input_image_raw when present (else input_image); id "<task>/<lang>/<key>".
+ImgEdit-Bench basic suite (PKU-YuanGroup/ImgEdit `Benchmark/Basic`): ROOT/basic_edit.json (or ROOT/Basic/...) =
+  {key: {"id": "<folder>/<name>.jpg", "prompt", "edit_type"}} with the images of the extracted `Benchmark.tar` at
+  ROOT/<id> (or ROOT/singleturn/<id>); category = edit_type; the judge prompts per edit type are the benchmark's
+  own `prompts.json` beside basic_edit.json (`imgedit_prompts`). Output file of a sample: `<key>.png`.
+Record datasets (`records`, e.g. the toy eval set): samples with their target image and edit mask (`Sample.target`).
 """
 import collections
 import dataclasses
@@ -27,8 +33,11 @@ import os
 from typing import Iterator
 
 import numpy as np
+from etils import epath
 
-from varedit_jax import images as imgs
+from data_pipelines import records
+from varedit_jax import storage
+from data_pipelines.records import decode_image, read_image
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,10 @@ PIE_TYPES = {"0": "random", "1": "change_object", "2": "add_object", "3": "delet
              "7": "change_attribute_material", "8": "change_background", "9": "change_style"}
 PIE_FIELDS = ("image_path", "original_prompt", "editing_prompt", "editing_instruction", "editing_type_id", "mask")
 GEDIT_COLUMNS = ("task_type", "key", "instruction", "instruction_language")
+IMGEDIT_FIELDS = ("id", "prompt", "edit_type")
+# ImgEdit-Bench edit types as the paper's Table 2 names them.
+IMGEDIT_TYPES = {"background": "Background", "extract": "Extract", "adjust": "Attribute", "style": "Style",
+                 "remove": "Remove", "replace": "Replace", "add": "Add", "action": "Motion", "compose": "Hybrid"}
 
 # Skip reasons.
 MISSING_IMAGE = "missing image"
@@ -60,6 +73,7 @@ class Sample:
     mask: np.ndarray | None
     category: str
     extra: dict = dataclasses.field(default_factory=dict)
+    target: np.ndarray | None = None  # the known result (record datasets such as the toy eval set), else None
 
 
 class Skips:
@@ -84,6 +98,14 @@ class Skips:
 def category_counts(samples) -> dict[str, int]:
     """{category: count} of an iterable of samples, in first-seen order."""
     return dict(collections.Counter(s.category for s in samples))
+
+
+def output_name(sample_id: str) -> str:
+    """The relative PNG path of a sample's output: the id after its benchmark prefix, ":" as "/" (e.g.
+    "gedit_bench:subject-add/en/k1" -> "subject-add/en/k1.png", as GEdit's own layout; "imgedit_bench:12" ->
+    "12.png", as ImgEdit's)."""
+    parts = [p for p in sample_id.split(":", 1)[-1].replace(":", "/").split("/") if p not in ("", ".", "..")]
+    return "/".join(parts or ["sample"]) + ".png"
 
 
 def strip_brackets(prompt: str) -> str:
@@ -130,7 +152,7 @@ def _image_cell(cell, sample_id: str, skips: Skips) -> np.ndarray | None:
         skips.add(sample_id, MISSING_IMAGE, "no image bytes")
         return None
     try:
-        return imgs.decode(data)
+        return decode_image(data)
     except ValueError as e:
         skips.add(sample_id, CORRUPT_IMAGE, str(e))
         return None
@@ -227,7 +249,7 @@ def pie_bench(root, skips: Skips | None = None) -> Iterator[Sample]:
             continue
         image_path = os.path.join(root, "annotation_images", item["image_path"])
         try:
-            image = imgs.read(image_path)
+            image = read_image(image_path)
         except FileNotFoundError:
             skips.add(sample_id, MISSING_IMAGE, image_path)
             continue
@@ -285,3 +307,89 @@ def gedit_bench(root, language: str | None = None, skips: Skips | None = None) -
                     yield Sample(sample_id, image, instruction, "", "", None, _text(row, "task_type"),
                                  dict(key=row["key"], language=lang,
                                       intersection_exist=bool(row.get("Intersection_exist", False))))
+
+
+# ----------------------------------------------------------------------------------------------- ImgEdit-Bench
+def _imgedit_file(root: epath.Path, name: str) -> epath.Path:
+    for candidate in (root / name, root / "Basic" / name, root / "Benchmark" / "Basic" / name):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"no {name} in {root} or {root / 'Basic'}")
+
+
+def _json(path: epath.Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON: {e}") from e
+
+
+def imgedit_prompts(root) -> dict[str, str]:
+    """ImgEdit-Bench's judge prompts {edit_type: text with <edit_prompt>} from the benchmark's prompts.json."""
+    path = _imgedit_file(storage.path(root), "prompts.json")
+    prompts = _json(path)
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) and "<edit_prompt>" in v for v in prompts.values()):
+        raise ValueError(f"{path}: expected {{edit_type: prompt text holding <edit_prompt>}}")
+    return prompts
+
+
+def imgedit_bench(root, skips: Skips | None = None) -> Iterator[Sample]:
+    """ImgEdit-Bench basic-suite samples from ROOT/basic_edit.json + the extracted images (module docstring)."""
+    root = storage.path(root)
+    path = _imgedit_file(root, "basic_edit.json")
+    edits = _json(path)
+    if not isinstance(edits, dict):
+        raise ValueError(f"{path}: expected an object keyed by sample key")
+    skips = skips if skips is not None else Skips()
+    image_roots = (root, root / "singleturn", root / "Benchmark" / "singleturn")
+    for key, item in edits.items():
+        sample_id = f"imgedit_bench:{key}"
+        if not isinstance(item, dict) or not all(isinstance(item.get(f), str) for f in IMGEDIT_FIELDS):
+            skips.add(sample_id, BAD_ANNOTATION, f"fields {list(IMGEDIT_FIELDS)} must be strings")
+            continue
+        if not item["prompt"].strip():
+            skips.add(sample_id, EMPTY_INSTRUCTION)
+            continue
+        candidates = [r / item["id"] for r in image_roots]
+        image_path = next((c for c in candidates if c.is_file()), candidates[0])
+        try:
+            image = read_image(image_path)
+        except FileNotFoundError:
+            skips.add(sample_id, MISSING_IMAGE, str(image_path))
+            continue
+        except ValueError as e:
+            skips.add(sample_id, CORRUPT_IMAGE, str(e))
+            continue
+        yield Sample(sample_id, image, item["prompt"].strip(), "", "", None, item["edit_type"],
+                     dict(key=key, edit_type=item["edit_type"], image_path=item["id"]))
+
+
+# ----------------------------------------------------------------------------------------------- record datasets
+def record_samples(paths, skips: Skips | None = None) -> Iterator[Sample]:
+    """Samples of finished record datasets (`records`), with their targets and edit masks (None without one)."""
+    skips = skips if skips is not None else Skips()
+    for rec in records.iter_records(paths):
+        try:
+            source, target = decode_image(rec["source"]), decode_image(rec["target"])
+        except ValueError as e:
+            skips.add(rec["id"], CORRUPT_IMAGE, str(e))
+            continue
+        mask = records.decode_mask(rec["mask"]) if rec.get("mask") is not None else None
+        yield Sample(rec["id"], source, rec["instruction"], "", "", mask, rec.get("task") or "", target=target)
+
+
+LOADERS = {"emu_edit": emu_edit, "pie_bench": pie_bench, "imgedit_bench": imgedit_bench, "gedit": gedit_bench,
+           "toy": record_samples}
+
+
+def load(benchmark: str, root, skips: Skips | None = None) -> Iterator[Sample]:
+    """The samples of `benchmark` (a `LOADERS` name) from ROOT: its local copy (toy: record dataset directories,
+    comma-separated), or `tfds:NAME@DATA_DIR` for a TFDS build of it (`tfds_builders`)."""
+    if benchmark not in LOADERS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {', '.join(LOADERS)}")
+    if str(root).startswith("tfds:"):
+        from data_pipelines import tfds_builders
+        return tfds_builders.benchmark_samples(str(root), skips)
+    if benchmark == "toy":
+        return record_samples(str(root).split(","), skips=skips)
+    return LOADERS[benchmark](root, skips=skips)
