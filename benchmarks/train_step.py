@@ -1,4 +1,4 @@
-"""Train-step speed of the real trainer step (`varedit_jax.train.Trainer`) on this machine, and the AOT planner's
+"""Train-step speed of the real trainer step (`varedit_jax.trainer_lib.Trainer`) on this machine, and the AOT planner's
 TPU memory per device; JSON output.
 
 Sections (`--sections`, comma-separated):
@@ -37,7 +37,8 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import common  # noqa: E402
-from varedit_jax import configlib, image_tokenizer, metrics, text, train, transformer  # noqa: E402
+from varedit_jax import configlib, image_tokenizer, metrics, text, transformer  # noqa: E402
+from varedit_jax import trainer as trainer_lib  # noqa: E402
 
 TEMPLATE = "1.0"
 PLANS = (("2b_256", "configs/varedit_2b_256.py", "v5p-128", []),
@@ -45,7 +46,7 @@ PLANS = (("2b_256", "configs/varedit_2b_256.py", "v5p-128", []),
          ("8b_512 grad_accum 12", "configs/varedit_8b_512.py", "v5p-256", ["--config.grad_accum=12"]))
 
 
-def random_batch(trainer: train.Trainer, vocab: int) -> dict:
+def random_batch(trainer: trainer_lib.Trainer, vocab: int) -> dict:
     """A global batch of the step's shapes: images in [-1, 1], full text masks, random ids / features."""
     rng = np.random.default_rng(0)
     out = {}
@@ -64,12 +65,12 @@ def random_batch(trainer: train.Trainer, vocab: int) -> dict:
 
 def bench_step(name: str, config, steps: int, peak: float) -> dict:
     """Compiles the trainer's step for `config` on every local device and times `steps` steps."""
-    mesh = train.make_mesh(config)
+    mesh = trainer_lib.make_mesh(config)
     image_tok = image_tokenizer.ImageTokenizer(configlib.load(config.image_tokenizer.config).model, rngs=nnx.Rngs(0))
     text_cfg = configlib.load(config.text.config).model
     text_cfg.dtype = config.text.dtype
     encoder = text.T5Encoder(text_cfg, rngs=nnx.Rngs(0))
-    trainer = train.Trainer(config, mesh, image_tok, encoder)
+    trainer = trainer_lib.Trainer(config, mesh, image_tok, encoder)
     state = trainer.init_state(transformer.param_dict(transformer.build(config.model, seed=0)))
     frozen = trainer.place_frozen(image_tok, encoder)
     batch = random_batch(trainer, text_cfg.vocab_size)
@@ -85,7 +86,7 @@ def bench_step(name: str, config, steps: int, peak: float) -> dict:
             if i:
                 times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
-    layout = train.sequence_layout(config, TEMPLATE)
+    layout = trainer_lib.sequence_layout(config, TEMPLATE)
     model_flops = config.batch_size * 3 * metrics.transformer_flops(config.model, layout, config.text.max_len)
     devices = jax.device_count()
     row = {"name": name, "devices": devices, "mesh": dict(mesh.shape), "batch": config.batch_size,

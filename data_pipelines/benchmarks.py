@@ -36,8 +36,8 @@ import numpy as np
 from etils import epath
 
 from data_pipelines import records
-from varedit_jax import storage
 from data_pipelines.records import decode_image, read_image
+from varedit_jax import storage
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ import pytest
 from helpers import REPO_ROOT
 
 SCRIPT = textwrap.dedent('''
-    import gc, json, os, sys, threading, time
+    import gc, json, os, sys, threading
     sys.path.insert(0, "tests")
     import jax, numpy as np
     from helpers import small_config
-    from varedit_jax import (assets, checkpoint, configlib, data, loading, state_dicts, train, transformer)
-    from varedit_jax import params as params_lib
+    from varedit_jax import assets, checkpoint, configlib, loading, state_dicts
+    from varedit_jax import trainer as trainer_lib
     from varedit_jax.convert import infinity as convert_infinity
 
     MiB = 2 ** 20
@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent('''
                                            "model.num_heads": 8, "mesh.shape": (1, -1, 1), "optim.ema_decay": 0.999}))
     image_tok, text_encoder, text_tokenizer = loading.load_frozen(config)
     config.data.stride = image_tok.stride
-    trainer = train.Trainer(config, train.make_mesh(config), image_tok, text_encoder)
+    trainer = trainer_lib.Trainer(config, trainer_lib.make_mesh(config), image_tok, text_encoder)
     n = jax.device_count()
     state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(trainer.abstract_state()))
     share = state_bytes / n

@@ -19,6 +19,7 @@ from helpers import REPO_ROOT, data_digests, final_params, small_config, small_f
 from varedit_jax import (assets, checkpoint, configlib, data, loading, optim, state_dicts, train, train_config,
                          transformer)
 from varedit_jax import params as params_lib
+from varedit_jax import trainer as trainer_lib
 from varedit_jax.convert import infinity as convert_infinity
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def parts(cache):
 
 
 def _run_step(config, mesh, vae, encoder, params, host, template="1.0"):
-    trainer = train.Trainer(config, mesh, vae, encoder)
+    trainer = trainer_lib.Trainer(config, mesh, vae, encoder)
     state = trainer.init_state(params)
     trainer.check_sharding(state)
     frozen = trainer.place_frozen(vae, encoder)
@@ -56,9 +57,9 @@ def test_sharded_step_equals_the_single_device_step(parts):
     config, vae, encoder, _, host = parts
     config.mesh.shape = (1, 1, 1)
     params = transformer.param_dict(transformer.build(config.model, seed=0))
-    _, one, out1 = _run_step(config, train.make_mesh(config, jax.devices()[:1]), vae, encoder, params, host)
+    _, one, out1 = _run_step(config, trainer_lib.make_mesh(config, jax.devices()[:1]), vae, encoder, params, host)
     config.mesh.slices, config.mesh.shape = 2, (1, 2, 2)
-    mesh = train.make_mesh(config)
+    mesh = trainer_lib.make_mesh(config)
     assert dict(mesh.shape) == {"dcn": 2, "data": 1, "fsdp": 2, "tensor": 2}
     trainer, eight, out8 = _run_step(config, mesh, vae, encoder, params, host)
     config.mesh.slices = 1
@@ -77,7 +78,7 @@ def test_a_nonfinite_batch_is_skipped_and_counted(parts):
     config.mesh.shape = (-1, 1, 1)
     params = transformer.param_dict(transformer.build(config.model, seed=0))
     bad = dict(host, source=np.full_like(host["source"], np.nan))
-    trainer, state, out = _run_step(config, train.make_mesh(config), vae, encoder, params, bad)
+    trainer, state, out = _run_step(config, trainer_lib.make_mesh(config), vae, encoder, params, bad)
     assert not out["finite"] and int(state.skipped) == 1 and int(state.bad_steps) == 1
     for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(params)):
         np.testing.assert_array_equal(a, np.asarray(b))
@@ -118,7 +119,7 @@ def test_init_checkpoint_keeps_matching_tensors_and_drops_the_others(parts, tmp_
     else:
         path = tmp_path / "init.safetensors"
         state_dicts.write_state_dict(path, convert_infinity.export_weights(other, source))
-    trainer = train.Trainer(config, train.make_mesh(config), vae, encoder)
+    trainer = trainer_lib.Trainer(config, trainer_lib.make_mesh(config), vae, encoder)
     init = params_lib.flat_leaves(trainer.init_params_fn()())
     built = params_lib.flat_leaves(transformer.param_dict(transformer.build(config.model, seed=config.seed)))
     loaded = params_lib.flat_leaves(loading.load_init_params(configlib.override(config, {"init_checkpoint": str(path)}),
@@ -222,7 +223,7 @@ def test_grad_accumulation_matches_the_full_batch(parts):
     config = configlib.override(config, {"text.drop_rate": 0.0, "bsc.noise_apply_layers": 0})
     config.mesh.shape = (-1, 1, 1)
     params = transformer.param_dict(transformer.build(config.model, seed=0))
-    mesh = train.make_mesh(config)
+    mesh = trainer_lib.make_mesh(config)
     _, full, out = _run_step(config, mesh, vae, encoder, params, host)
     _, accum, out2 = _run_step(configlib.override(config, {"grad_accum": 2}), mesh, vae, encoder, params, host)
     np.testing.assert_allclose(out2["loss"], out["loss"], rtol=1e-5)

@@ -28,7 +28,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from varedit_jax import configlib, loading, metrics, schedules, topology, train
+from varedit_jax import configlib, loading, metrics, schedules, topology
+from varedit_jax import trainer as trainer_lib
 from varedit_jax.train_step import sequence_layout
 
 
@@ -59,9 +60,9 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, template: str = "1.
     config.model.attention_impl = "splash"
     config.text.cache = False
     slices = int(config.mesh.slices)
-    mesh = train.make_mesh(config, topology.topology_devices(slice_name, slices))
+    mesh = trainer_lib.make_mesh(config, topology.topology_devices(slice_name, slices))
     image_tok, text_encoder = loading.abstract_frozen(config)
-    trainer = train.Trainer(config, mesh, image_tok, text_encoder)
+    trainer = trainer_lib.Trainer(config, mesh, image_tok, text_encoder)
     state = trainer.abstract_state()
     frozen = tuple(jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nnx.state(m), sh)
                    for m, sh in zip((image_tok, text_encoder), trainer.frozen_shardings))
@@ -109,7 +110,7 @@ def plan(config: ml_collections.ConfigDict, slice_name: str, template: str = "1.
     return report
 
 
-def plan_init(trainer: train.Trainer, mesh: jax.sharding.Mesh) -> dict:
+def plan_init(trainer: trainer_lib.Trainer, mesh: jax.sharding.Mesh) -> dict:
     """Per-device bytes of a run's initialisation (random init, optimizer state and EMA: what `train` runs before
     its first step, here as one program), from its AOT compile: the state it outputs and XLA's temporaries."""
     init = jax.jit(lambda: trainer.init_state_fn(trainer.init_params_fn()()), out_shardings=trainer.state_shardings)

@@ -1,5 +1,5 @@
 """The pure train step: loss of a batch (`compute_loss`), one optimizer step (`train_step`), the validation metrics
-(`eval_step`), and the state they carry (`TrainState`). `train.Trainer` jits them over the mesh.
+(`eval_step`), and the state they carry (`TrainState`). `trainer.Trainer` jits them over the mesh.
 
   source image -> frozen image tokenizer -> continuous features -> the transformer's source grid (never quantized)
   target image -> frozen image tokenizer -> features -> `flip_requant` with bitwise self-correction -> inputs + bits
