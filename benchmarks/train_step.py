@@ -1,4 +1,4 @@
-"""Train-step speed of the real trainer step (`varedit_jax.trainer_lib.Trainer`) on this machine, and the AOT planner's
+"""Train-step speed of the real trainer step (`varedit_jax.trainer.Trainer`) on this machine, and the AOT planner's
 TPU memory per device; JSON output.
 
 Sections (`--sections`, comma-separated):
@@ -9,7 +9,8 @@ Sections (`--sections`, comma-separated):
            batch `--slice_batch`, fp32 compute (bf16 is emulated on CPUs).
   plan     `python -m varedit_jax.plan` for 2B@256 (configs/varedit_2b_256.py, batch 1536) on v5p-128 and 8B@512
            (configs/varedit_8b_512.py, batch 1536) on v5p-256, as configured and with 12 gradient-accumulation
-           micro-steps, each in its own process (needs libtpu).
+           micro-steps, each in its own process (needs libtpu); with the initialisation's bytes per chip (random
+           init + optimizer state + EMA, created sharded).
 Step rows: compile seconds, median step seconds over `--steps` steps after one warm-up step, tokens/s/device
 (sequence tokens incl. source rows) and MFU = model FLOPs (forward + backward of the transformer,
 `metrics.transformer_flops`) / step time / device peak (on a CPU a measured fp32 1024^2 matmul rate, also recorded).
@@ -137,6 +138,8 @@ def section_plan(timeout_s: int) -> list[dict]:
                        "mesh": report["config"]["mesh"], "batch": report["config"]["batch_size"],
                        "parameters": report["parameters"], "fits": report["fits"],
                        "gib_per_device": {k: round(v / 2 ** 30, 3) for k, v in b.items() if v is not None},
+                       "init_gib_per_device": {k: round(v / 2 ** 30, 3)
+                                               for k, v in report["init_bytes_per_device"].items()},
                        "hbm_fraction": report["hbm_fraction"], "compile_error": report.get("compile_error"),
                        "flops_per_step_per_device": report["flops_per_step_per_device"]}
         print(json.dumps(row), flush=True)

@@ -2,6 +2,8 @@
 mirrors, a dataset built to and trained from gs://, a gs:// workdir killed with -9 and resumed, `convert export` and
 `describe` of gs:// locations, and an unreachable endpoint that fails fast with one line."""
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,11 +13,11 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from helpers import REPO_ROOT, data_digests, final_params, small_flags, train_subprocess
-from varedit_jax import storage
+from helpers import REPO_ROOT, data_digests, final_params, small_config, small_flags, train_subprocess
+from varedit_jax import assets, images, storage, text
 from varedit_jax.convert.__main__ import main as convert
 from varedit_jax.eval import report
-from data_pipelines import build, describe
+from data_pipelines import build, describe, records
 
 
 def _blob_exists(url: str) -> bool:
@@ -102,3 +104,24 @@ def test_an_unreachable_endpoint_fails_fast_with_one_line(command):
     assert time.time() - t0 < 30 and proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "cannot reach gs://varedit-test" in errors[0] and "Traceback" not in proc.stderr
+
+
+def test_staging_a_gs_dataset_and_reading_assets_from_gs(gcs, tmp_path, monkeypatch):
+    """data.stage_dir copies a gs:// dataset once (a second call copies nothing) and is refused when the disk is too
+    small; a sentencepiece model and an image read from gs://."""
+    remote = f"{gcs}/staging/toy"
+    assert build.main(["--format", "toy", "--num", "6", "--out", remote]) == 0
+    local = records.stage(remote, tmp_path / "stage")
+    assert [r["id"] for r in records.iter_records(local)] == [r["id"] for r in records.iter_records(remote)]
+    first = {f.name: f.stat().st_mtime_ns for f in pathlib.Path(local).iterdir()}
+    assert records.stage(remote, tmp_path / "stage") == local
+    assert {f.name: f.stat().st_mtime_ns for f in pathlib.Path(local).iterdir()} == first  # nothing copied again
+    monkeypatch.setattr(records.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 40, 1 << 40, 10))
+    with pytest.raises(OSError, match="free"):
+        records.stage(remote, tmp_path / "other")
+    spiece = pathlib.Path(assets.resolve(small_config()).data.spiece_model)  # the toy text encoder's
+    storage.path(f"{gcs}/assets/spiece.model").write_bytes(spiece.read_bytes())
+    ids_remote = text.TextTokenizer(f"{gcs}/assets/spiece.model")(["make the circle red"], 8)[0]
+    np.testing.assert_array_equal(ids_remote, text.TextTokenizer(spiece)(["make the circle red"], 8)[0])
+    storage.write_bytes(f"{gcs}/assets/im.png", images.png_bytes(np.full((4, 5, 3), 7, np.uint8)))
+    assert images.read(f"{gcs}/assets/im.png").shape == (4, 5, 3)

@@ -29,7 +29,6 @@ Stored text encoders (`encoder_config`): an orbax checkpoint of kind "t5" whose 
 """
 import base64
 import math
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +37,7 @@ import numpy as np
 import sentencepiece as spm
 from flax import nnx
 
+from varedit_jax import storage
 from varedit_jax.params import load_param_dict, logical_init, logical_param
 
 PAD_ID, EOS_ID = 0, 1
@@ -308,7 +308,7 @@ class TextTokenizer:
     """
 
     def __init__(self, spiece_model_path):
-        path = pathlib.Path(spiece_model_path).expanduser()
+        path = storage.path(spiece_model_path)
         if path.is_dir():
             path = path / SPIECE_FILE
         if not path.is_file():
