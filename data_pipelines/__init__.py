@@ -6,5 +6,5 @@ procedural `toy` dataset, the `build` and `describe` CLIs, the Apache Beam pipel
 loaders (`benchmarks`) and the TFDS builders (`tfds_builders`, CLI `tfds_build`). A reader has
 `units() -> list[str]` (annotation files, shards, index blocks) and `read(unit) -> Iterator[RawPair | Skip]`, and
 pickles (Beam ships it to workers).
-Imports nothing from `varedit_jax`.
+Imports nothing of the `varedit_jax` model: only `varedit_jax.storage` (local and gs:// paths, one path type).
 """

@@ -1,9 +1,9 @@
-"""Loaders of the editing benchmarks, from the user's local copies (nothing is downloaded).
+"""Loaders of the editing benchmarks, from the user's copies, local or on gs:// (nothing is downloaded).
 
 Each loader yields `Sample`s (id, source image uint8 (H, W, 3), instruction, source / target captions, edit mask or
 None, category) and records every sample it cannot use in a `Skips` (counted per reason, logged, listed).
-Reading needs pyarrow (the `data` extra) for EMU-Edit and GEdit-Bench. Imports nothing from `varedit_jax` (the TFDS
-builders in `tfds_builders` wrap these readers too).
+Reading needs pyarrow (the `data` extra) for EMU-Edit and GEdit-Bench. Imports nothing of the `varedit_jax` model
+(only `storage`, for paths; the TFDS builders in `tfds_builders` wrap these readers too).
 
 EMU-Edit (`facebook/emu_edit_test_set`): ROOT/data/{test,validation}-*.parquet, columns instruction, image (HF
   Image struct {bytes, path}), task, split, idx, hash, input_caption, output_caption. Use split "test" (3,589 rows):
@@ -26,7 +26,6 @@ Record datasets (`records`, e.g. the toy eval set): samples with their target im
 """
 import collections
 import dataclasses
-import glob
 import json
 import logging
 import os
@@ -168,9 +167,9 @@ def emu_edit(root, split: str = "test", skips: Skips | None = None) -> Iterator[
     pq = _pyarrow().parquet
     if split not in EMU_SPLIT_SIZES:
         raise ValueError(f"EMU-Edit split must be one of {sorted(EMU_SPLIT_SIZES)}, got {split!r}")
-    files = sorted(glob.glob(os.path.join(root, "data", f"{split}-*.parquet")))
+    files = sorted(storage.path(root).joinpath("data").glob(f"{split}-*.parquet"), key=os.fspath)
     if not files:
-        raise FileNotFoundError(f"no EMU-Edit shards {os.path.join(root, 'data', split + '-*.parquet')}")
+        raise FileNotFoundError(f"no EMU-Edit shards {storage.path(root) / 'data' / (split + '-*.parquet')}")
     skips = skips if skips is not None else Skips()
     shards = [_emu_shard(pq, path) for path in files]
     rows = sum(shard.metadata.num_rows for shard in shards)
@@ -195,7 +194,7 @@ def emu_edit(root, split: str = "test", skips: Skips | None = None) -> Iterator[
 def _emu_shard(pq, path: str):
     """An opened EMU-Edit parquet shard; raises ValueError for unreadable files or missing columns."""
     try:
-        shard = pq.ParquetFile(path)
+        shard = pq.ParquetFile(storage.path(path).open("rb"))  # local or gs://
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError for damaged files
         raise ValueError(f"{path}: cannot read parquet: {e}") from e
     names = set(shard.schema_arrow.names)
@@ -209,23 +208,20 @@ def _emu_shard(pq, path: str):
 
 
 # --------------------------------------------------------------------------------------------------- PIE-Bench
-def _pie_root(root: str) -> str:
-    for candidate in (root, os.path.join(root, "data")):
-        if os.path.isfile(os.path.join(candidate, "mapping_file.json")):
+def _pie_root(root) -> epath.Path:
+    root = storage.path(root)
+    for candidate in (root, root / "data"):
+        if (candidate / "mapping_file.json").is_file():
             return candidate
-    raise FileNotFoundError(f"no mapping_file.json in {root} or {os.path.join(root, 'data')}")
+    raise FileNotFoundError(f"no mapping_file.json in {root} or {root / 'data'}")
 
 
 def pie_bench(root, skips: Skips | None = None) -> Iterator[Sample]:
     """PIE-Bench samples from ROOT/mapping_file.json + ROOT/annotation_images (see the module docstring)."""
-    root = _pie_root(str(root))
+    root = _pie_root(root)
     skips = skips if skips is not None else Skips()
-    path = os.path.join(root, "mapping_file.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            mapping = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON: {e}") from e
+    path = root / "mapping_file.json"
+    mapping = _json(path)
     if not isinstance(mapping, dict):
         raise ValueError(f"{path}: expected an object keyed by sample id")
     for key, item in mapping.items():
@@ -247,7 +243,7 @@ def pie_bench(root, skips: Skips | None = None) -> Iterator[Sample]:
         except ValueError as e:
             skips.add(sample_id, BAD_ANNOTATION, str(e))
             continue
-        image_path = os.path.join(root, "annotation_images", item["image_path"])
+        image_path = root / "annotation_images" / item["image_path"]
         try:
             image = read_image(image_path)
         except FileNotFoundError:
@@ -267,23 +263,25 @@ def pie_bench(root, skips: Skips | None = None) -> Iterator[Sample]:
 
 
 # ------------------------------------------------------------------------------------------------- GEdit-Bench
-def _arrow_batches(path: str):
-    """Record batches of an Arrow stream (HF `save_to_disk`) or Arrow IPC file; raises ValueError if neither."""
+def _arrow_batches(path) -> list:
+    """Record batches of an Arrow stream (HF `save_to_disk`) or Arrow IPC file, memory-mapped (gs://: from a
+    temporary download); raises ValueError if neither."""
     pa = _pyarrow()
-    try:
-        return iter(pa.ipc.open_stream(pa.memory_map(path)))
-    except (pa.ArrowInvalid, OSError):
-        pass
-    try:
-        reader = pa.ipc.open_file(pa.memory_map(path))
-    except (pa.ArrowInvalid, OSError) as e:
-        raise ValueError(f"{path}: not an Arrow stream or file: {e}") from e
-    return (reader.get_batch(i) for i in range(reader.num_record_batches))
+    with storage.local_copy(path) as local:
+        try:
+            return list(pa.ipc.open_stream(pa.memory_map(str(local))))
+        except (pa.ArrowInvalid, OSError):
+            pass
+        try:
+            reader = pa.ipc.open_file(pa.memory_map(str(local)))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ValueError(f"{path}: not an Arrow stream or file: {e}") from e
+        return [reader.get_batch(i) for i in range(reader.num_record_batches)]
 
 
 def gedit_bench(root, language: str | None = None, skips: Skips | None = None) -> Iterator[Sample]:
     """GEdit-Bench samples from the Arrow files under ROOT, optionally of one language ("en" / "cn")."""
-    files = sorted(glob.glob(os.path.join(root, "**", "*.arrow"), recursive=True))
+    files = storage.find_files(root, ".arrow")
     if not files:
         raise FileNotFoundError(f"no GEdit-Bench .arrow files under {root}")
     skips = skips if skips is not None else Skips()

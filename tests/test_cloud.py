@@ -1,6 +1,7 @@
 """gs:// everywhere, against the session's GCS emulator on 127.0.0.1 (tests/conftest.py `gcs`): storage paths and
 mirrors, a dataset built to and trained from gs://, a gs:// workdir killed with -9 and resumed, `convert export` and
 `describe` of gs:// locations, and an unreachable endpoint that fails fast with one line."""
+import json
 import os
 import pathlib
 import shutil
@@ -125,3 +126,37 @@ def test_staging_a_gs_dataset_and_reading_assets_from_gs(gcs, tmp_path, monkeypa
     np.testing.assert_array_equal(ids_remote, text.TextTokenizer(spiece)(["make the circle red"], 8)[0])
     storage.write_bytes(f"{gcs}/assets/im.png", images.png_bytes(np.full((4, 5, 3), 7, np.uint8)))
     assert images.read(f"{gcs}/assets/im.png").shape == (4, 5, 3)
+
+
+def _upload(local: pathlib.Path, remote: str) -> str:
+    for f in local.rglob("*"):
+        if f.is_file():
+            storage.path(f).copy(storage.path(remote) / f.relative_to(local).as_posix(), overwrite=True)
+    return remote
+
+
+def test_benchmarks_load_from_gs_as_from_local(gcs, tmp_path):
+    """EMU-Edit (parquet), PIE-Bench (mapping_file.json + images) and GEdit-Bench (Arrow, nested) from gs://."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from data_pipelines import benchmarks as bm
+    from test_eval_benchmarks import _emu_table, _gedit_table, _png
+    (tmp_path / "emu" / "data").mkdir(parents=True)
+    pq.write_table(_emu_table([("add a hat", _png(10), "add"), ("make it night", _png(20), "global")]),
+                   tmp_path / "emu" / "data" / "test-00000-of-00001.parquet")
+    pie = tmp_path / "pie" / "annotation_images" / "0_random_140"
+    pie.mkdir(parents=True)
+    storage.write_bytes(pie / "a.png", images.png_bytes(np.zeros((512, 512, 3), np.uint8)))
+    (tmp_path / "pie" / "mapping_file.json").write_text(json.dumps({"000000000000": {
+        "image_path": "0_random_140/a.png", "original_prompt": "a [cat]", "editing_prompt": "a [dog]",
+        "editing_instruction": "make the cat a dog", "editing_type_id": "0", "blended_word": "cat dog",
+        "mask": [0, 10]}}))
+    (tmp_path / "gedit" / "train").mkdir(parents=True)
+    table = _gedit_table([("subject-add", "k1", "add a bird", "en", _png(50))])
+    with pa.ipc.new_stream(str(tmp_path / "gedit" / "train" / "data-00000-of-00001.arrow"), table.schema) as w:
+        w.write_table(table)
+    for name, load in (("emu", lambda r: bm.emu_edit(r, "test")), ("pie", bm.pie_bench), ("gedit", bm.gedit_bench)):
+        here = list(load(tmp_path / name))
+        there = list(load(_upload(tmp_path / name, f"{gcs}/bench/{name}")))
+        assert here and [s.id for s in there] == [s.id for s in here], name
+        np.testing.assert_array_equal(there[0].source, here[0].source)

@@ -120,6 +120,7 @@ def test_keep_period_keeps_milestones_and_checkpoints_record_the_run(trained_run
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [3, 5, 6]
 
 
+@pytest.mark.slow
 def test_a_two_stage_recipe_continues_where_it_stopped(tmp_path, capsys):
     """The tiny recipe (64 px, then 128 px from stage 1's EMA): preempted in stage 2, the same command continues
     there; finished stages are skipped."""

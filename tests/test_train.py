@@ -112,13 +112,14 @@ def test_init_checkpoint_keeps_matching_tensors_and_drops_the_others(parts, tmp_
     config, vae, encoder, *_ = parts
     config = configlib.override(config, {"mesh.shape": (1, -1, 1)})  # fsdp over all 8 devices
     other = configlib.override(config, {"model.bits": 8})
-    source = params_lib.flat_leaves(transformer.param_dict(transformer.build(other.model, seed=5)))
+    tree = transformer.param_dict(transformer.build(other.model, seed=5))
     if form == "checkpoint":
-        checkpoint.save_params(tmp_path / "init", source, other)
+        checkpoint.save_params(tmp_path / "init", tree, other)
         path = tmp_path / "init"
     else:
         path = tmp_path / "init.safetensors"
-        state_dicts.write_state_dict(path, convert_infinity.export_weights(other, source))
+        state_dicts.write_state_dict(path, convert_infinity.export_weights(other, tree))
+    source = params_lib.flat_leaves(tree)
     trainer = trainer_lib.Trainer(config, trainer_lib.make_mesh(config), vae, encoder)
     init = params_lib.flat_leaves(trainer.init_params_fn()())
     built = params_lib.flat_leaves(transformer.param_dict(transformer.build(config.model, seed=config.seed)))

@@ -90,19 +90,22 @@ def _safetensors_index(path: pathlib.Path) -> dict[str, Tensor]:
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
         if not 2 <= n <= 100 * 2 ** 20:
-            raise ValueError(f"{path}: not a safetensors file (header length {n})")
-        header = json.loads(f.read(n))
+            raise ValueError(f"cannot read weights {path}: not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"cannot read weights {path}: corrupt safetensors header ({e})") from e
     base, size = 8 + n, path.stat().st_size
 
     def reader(dtype, shape, start: int, end: int):
         def read() -> np.ndarray:
             out = np.empty(shape, dtype)
             if out.nbytes != end - start or base + end > size:
-                raise ValueError(f"{path}: tensor data out of range (a truncated file?)")
+                raise ValueError(f"cannot read weights {path}: tensor data out of range (a truncated file?)")
             with open(path, "rb") as f:
                 f.seek(base + start)
                 if f.readinto(memoryview(out.reshape(-1)).cast("B")) != out.nbytes:
-                    raise ValueError(f"{path}: truncated tensor data")
+                    raise ValueError(f"cannot read weights {path}: truncated tensor data")
             return out
         return read
 

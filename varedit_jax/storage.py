@@ -109,6 +109,18 @@ def remove_tree(p) -> None:
         p.rmtree() if p.is_dir() else p.unlink()
 
 
+def find_files(root, suffix: str) -> list[epath.Path]:
+    """Every file under `root` (any depth) whose name ends with `suffix`, sorted (epath refuses `**` on gs://)."""
+    found, todo = [], [path(root)]
+    while todo:
+        for child in todo.pop().iterdir():
+            if child.is_dir():
+                todo.append(child)
+            elif child.name.endswith(suffix):
+                found.append(child)
+    return sorted(found, key=os.fspath)
+
+
 def _scratch(what: str) -> pathlib.Path:
     d = pathlib.Path(tempfile.gettempdir()) / "varedit_storage" / what
     d.mkdir(parents=True, exist_ok=True)
