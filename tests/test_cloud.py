@@ -51,6 +51,19 @@ def test_paths_files_and_mirrors(gcs, tmp_path):
     assert paths["md"].read_text().startswith("| a |") and storage.Mirror(tmp_path).local == tmp_path
 
 
+def test_an_object_rewritten_elsewhere_is_read_whole(gcs):
+    """A long-lived reader (this process listed the folder and read the object) sees another writer's longer
+    version whole: gcsfs would otherwise read the newer object cut to the size in its listings cache."""
+    from google.cloud import storage as gcs_client
+    root = storage.path(f"{gcs}/rewritten")
+    storage.write_text(root / "metrics.jsonl", "1\n")
+    assert [p.name for p in root.iterdir()] == ["metrics.jsonl"] and (root / "metrics.jsonl").exists()
+    assert (root / "metrics.jsonl").read_text() == "1\n"
+    blob = gcs_client.Client().bucket(storage.bucket_of(gcs)).blob("rewritten/metrics.jsonl")
+    blob.upload_from_string("1\n2\n3\n")  # another client: nothing in this process's gcsfs saw it
+    assert (root / "metrics.jsonl").read_text() == "1\n2\n3\n"
+
+
 def _straight_and_killed(gcs, tmp_path, data_dir):
     flags = small_flags(total_steps=6, checkpoint_every=2, **{"data.paths": f"('{data_dir}',)"})
     straight = train_subprocess([f"--workdir={gcs}/straight", *flags])

@@ -10,7 +10,10 @@ array_record's own GCS client). What differs on GCS, and how this module hides i
   - libraries that need a local file (PIL, safetensors, torch, ArrayRecordWriter) get one from `local_copy` (reads:
     a downloaded temporary copy) or `staged` (writes: uploaded when the block ends);
   - an unreachable endpoint or a missing bucket is one line (`check_reachable`, StorageError) within seconds,
-    never minutes of retries.
+    never minutes of retries;
+  - gcsfs caches directory listings (object sizes included) for the life of a process, so a long-lived reader
+    would see another process's newer object cut to its old size: the listings cache is turned off for gs://
+    when this module is imported (before any gs:// filesystem is made).
 Endpoints: real GCS by default (application default credentials); a GCS emulator when `STORAGE_EMULATOR_HOST` and
 the other variables of `emulator_environment` are set (the tests do, for every process they start).
 """
@@ -23,7 +26,10 @@ import shutil
 import tempfile
 from typing import Iterator
 
+import fsspec
 from etils import epath
+
+fsspec.config.conf.setdefault("gs", {})["use_listings_cache"] = False
 
 Path = epath.Path
 REMOTE_PREFIX = "gs://"
