@@ -1,5 +1,5 @@
 """The tiny CPU default: a VAREdit-shaped transformer on the toy task (64 px images, toy image tokenizer d = 16
-stride 4, toy text encoder width 64), pn 0.06M on the 1.0 template: 521 target tokens, 777 with the finest-scale
+stride 4, toy text encoder width 128), pn 0.06M on the 1.0 template: 521 target tokens, 777 with the finest-scale
 source (`sar`, default, and `finest`), 1042 with `full` (`configs/varedit_tiny.py:full` / `:finest`).
 
   python -m varedit_jax.train --config configs/varedit_tiny.py --workdir runs/tiny
@@ -12,7 +12,7 @@ from varedit_jax import train_config, transformer
 
 def get_config(arg=None):
     model = transformer.default_model_config(
-        embed_dim=128, depth=4, num_heads=4, bits=16, text_dim=64, text_max_len=32, text_pool_heads=1,
+        embed_dim=128, depth=4, num_heads=4, bits=16, text_dim=128, text_max_len=32,
         block_chunks=2, remat="none", drop_path_rate=0.0)
     config = train_config.default_config(model, conditioning=arg, pn="0.06M")
     config.total_steps = 200        # with the toy assets: <= 15 min on 2 cores (launch/train.sh)
