@@ -84,6 +84,19 @@ class SegmentMask:
         return (self.q_segments.astype(np.int32).tobytes(), self.kv_segments.astype(np.int32).tobytes(),
                 self.table.shape, np.packbits(self.table).tobytes())
 
+    def visible_runs(self, rows: slice = slice(None)) -> tuple[tuple[int, int], ...]:
+        """Maximal runs [lo, hi) of key positions visible to at least one query row in `rows` (static)."""
+        return _key_runs(self.table[np.unique(self.q_segments[rows])].any(0)[self.kv_segments])
+
+    def restrict(self, rows: slice, runs) -> "SegmentMask | None":
+        """The mask of query `rows` over the keys gathered from `runs` ((lo, hi), ...); None when every such key is
+        visible."""
+        kv = np.concatenate([self.kv_segments[lo:hi] for lo, hi in runs])
+        q = self.q_segments[rows]
+        if self.table[np.ix_(np.unique(q), np.unique(kv))].all():
+            return None
+        return SegmentMask(q, kv, self.table)
+
     def padded(self, lq: int, lk: int) -> "SegmentMask":
         """The mask extended to (lq, lk): padded rows see nothing and padded keys are seen by nothing."""
         sq, sk = self.table.shape
@@ -198,11 +211,11 @@ def _piece_cost(bounds, seen, i: int, j: int) -> float:
 
 
 def _softmax_attention(q, k, v, visible, key_visible, scale):
-    """fp32 attention of q (B, C, N, D) over k, v (B, Lk, N, D). visible: (C | 1, Lk) bool (static mask) or None;
-    key_visible: (B, 1, 1, Lk) bool or None. Without key_visible every row must see a key (the static mask is an
-    additive bias); with it, rows that see no key output zeros."""
+    """fp32 attention of q (B, N, C, D) over k, v (B, N, Lk, D) (heads-major). visible: (C | 1, Lk) bool (static
+    mask) or None; key_visible: (B, 1, 1, Lk) bool or None. Without key_visible every row must see a key (the
+    static mask is an additive bias); with it, rows that see no key output zeros."""
     hi = jax.lax.Precision.HIGHEST
-    logits = jnp.einsum("bqnd,bknd->bnqk", q, k, precision=hi) * scale
+    logits = jnp.einsum("bnqd,bnkd->bnqk", q, k, precision=hi) * scale
     if key_visible is None:
         if visible is not None:
             logits = logits + jnp.where(visible, 0.0, -jnp.inf).astype(logits.dtype)
@@ -212,7 +225,7 @@ def _softmax_attention(q, k, v, visible, key_visible, scale):
         any_visible = visible.any(-1, keepdims=True)
         logits = jnp.where(visible, logits, -jnp.inf)
         probs = jax.nn.softmax(jnp.where(any_visible, logits, 0.0), axis=-1) * any_visible
-    return jnp.einsum("bnqk,bknd->bqnd", probs, v, precision=hi)
+    return jnp.einsum("bnqk,bnkd->bnqd", probs, v, precision=hi)
 
 
 def exact_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: SegmentMask | None = None, *,
@@ -223,34 +236,43 @@ def exact_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: SegmentMask 
     more than `chunk` rows (one long segment run) is padded to a multiple of `chunk` and mapped chunk by chunk
     (`jax.lax.map` over a `jax.checkpoint`ed chunk, so the backward pass recomputes one chunk's (B, N, chunk, keys)
     probabilities at a time): memory O(B·N·chunk·Lk), never (Lq, Lk). Masks are gathered at run time from small
-    per-piece tables.
+    per-piece tables. Computes heads-major ((B, N, L, D): one transpose in and out).
     """
     b, lq, n, d = q.shape
-    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    q32, k32, v32 = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (q, k, v))
     if mask is None:
         mask = SegmentMask(np.zeros(lq, np.int32), np.zeros(k.shape[1], np.int32), np.ones((1, 1), bool))
     outs, row = [], 0
     for piece in _plan(mask, chunk):
         if piece.lo > row:  # rows that see no key
-            outs.append(jnp.zeros((b, piece.lo - row, n, d), jnp.float32))
-        outs.append(_run_piece(q32[:, piece.lo:piece.hi], k32, v32, piece, key_mask, scale, chunk))
+            outs.append(jnp.zeros((b, n, piece.lo - row, d), jnp.float32))
+        outs.append(_run_piece(q32[:, :, piece.lo:piece.hi], k32, v32, piece, key_mask, scale, chunk))
         row = piece.hi
     if row < lq:
-        outs.append(jnp.zeros((b, lq - row, n, d), jnp.float32))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-    return out.astype(q.dtype)
+        outs.append(jnp.zeros((b, n, lq - row, d), jnp.float32))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+    return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
 
-def _gather_keys(x: jax.Array, runs) -> jax.Array:
-    """Positions `runs` ((lo, hi), ...) of axis 1, concatenated."""
-    parts = [x[:, lo:hi] for lo, hi in runs]
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+def _gather_keys(x: jax.Array, runs, axis: int) -> jax.Array:
+    """Positions `runs` ((lo, hi), ...) of `axis`, concatenated."""
+    parts = [jax.lax.slice_in_dim(x, lo, hi, axis=axis) for lo, hi in runs]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
+SCORE_BUDGET = 1 << 21  # score elements of one batch group of the exact path (8 MiB of fp32)
+
+
+def _batch_group(batch: int, per_sample: int) -> int:
+    """The largest divisor of `batch` whose scores (`per_sample` elements each) stay within SCORE_BUDGET (>= 1)."""
+    fits = max(1, SCORE_BUDGET // max(per_sample, 1))
+    return max(g for g in range(1, batch + 1) if batch % g == 0 and g <= fits)
 
 
 def _run_piece(q, k, v, piece: Piece, key_mask, scale, chunk):
-    """Attention of one piece's query rows q (B, rows, N, D) (see `exact_attention`)."""
-    k, v = _gather_keys(k, piece.runs), _gather_keys(v, piece.runs)
-    key_visible = None if key_mask is None else _gather_keys(key_mask, piece.runs)[:, None, None, :]
+    """Attention of one piece's query rows q (B, N, rows, D) over k, v (B, N, Lk, D) (see `exact_attention`)."""
+    k, v = _gather_keys(k, piece.runs, 2), _gather_keys(v, piece.runs, 2)
+    key_visible = None if key_mask is None else _gather_keys(key_mask, piece.runs, 1)[:, None, None, :]
     rows = piece.hi - piece.lo
     if piece.visible is None:
         visible = None
@@ -260,16 +282,24 @@ def _run_piece(q, k, v, piece: Piece, key_mask, scale, chunk):
         table, row_run = jax.lax.optimization_barrier((jnp.asarray(piece.visible), jnp.asarray(piece.row_run)))
         visible = jnp.take(table, row_run, axis=0)
     if rows <= chunk:
-        return _softmax_attention(q, k, v, visible, key_visible, scale)
+        b, n = q.shape[:2]
+        group = _batch_group(b, n * rows * k.shape[2])
+        if group == b:
+            return _softmax_attention(q, k, v, visible, key_visible, scale)
+        # the batch in groups whose scores stay within `SCORE_BUDGET` (cache-sized, one buffer reused)
+        split = lambda x: None if x is None else x.reshape((b // group, group) + x.shape[1:])  # noqa: E731
+        run = jax.checkpoint(lambda a: _softmax_attention(a[0], a[1], a[2], visible, a[3], scale), prevent_cse=False)
+        out = jax.lax.map(run, (split(q), split(k), split(v), split(key_visible)))
+        return out.reshape(q.shape)
     # one segment run (same visible row for every row): padded to whole chunks and mapped
     n_chunks = -(-rows // chunk)
-    b, _, n, d = q.shape
-    q = jnp.pad(q, ((0, 0), (0, n_chunks * chunk - rows), (0, 0), (0, 0)))
-    q_chunks = q.reshape(b, n_chunks, chunk, n, d).swapaxes(0, 1)
+    b, n, _, d = q.shape
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, n_chunks * chunk - rows), (0, 0)))
+    q_chunks = jnp.moveaxis(q.reshape(b, n, n_chunks, chunk, d), 2, 0)
     run = jax.checkpoint(lambda q_rows: _softmax_attention(q_rows, k, v, visible, key_visible, scale),
                          prevent_cse=False)
     out = jax.lax.map(run, q_chunks)
-    return out.swapaxes(0, 1).reshape(b, n_chunks * chunk, n, d)[:, :rows]
+    return jnp.moveaxis(out, 0, 2).reshape(b, n, n_chunks * chunk, d)[:, :, :rows]
 
 
 # ------------------------------------------------------------------------------------------------------ xla / cudnn
