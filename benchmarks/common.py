@@ -3,6 +3,8 @@ import json
 import os
 import pathlib
 import platform
+import statistics
+import time
 
 import jax
 
@@ -21,3 +23,16 @@ def write(result: dict, out: str | os.PathLike) -> pathlib.Path:
     out.write_text(json.dumps({"machine": machine(), **result}, indent=1) + "\n")
     print(f"wrote {out}")
     return out
+
+
+def median_seconds(call, *, repeats: int, warmup: int = 1) -> dict:
+    """Times `call()` (which blocks): `warmup` untimed calls, then the median / min / max of `repeats` (as the
+    official benchmark reports them)."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}

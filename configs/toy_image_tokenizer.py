@@ -41,6 +41,7 @@ def get_config(arg=None):
     config.l1_weight = 1.0
     config.mse_weight = 1.0
     config.commitment_weight = 0.25
+    config.object_weight = 0.0  # pixel weight 1 + object_weight * chroma (see toy_image_tokenizer.pixel_weights)
 
     config.log_every = 50
     config.checkpoint_every = 250

@@ -83,6 +83,19 @@ class SegmentMask:
         return (self.q_segments.astype(np.int32).tobytes(), self.kv_segments.astype(np.int32).tobytes(),
                 self.table.shape, np.packbits(self.table).tobytes())
 
+    def visible_runs(self, rows: slice = slice(None)) -> tuple[tuple[int, int], ...]:
+        """Maximal runs [lo, hi) of key positions visible to at least one query row in `rows` (static)."""
+        return _key_runs(self.table[np.unique(self.q_segments[rows])].any(0)[self.kv_segments])
+
+    def restrict(self, rows: slice, runs) -> "SegmentMask | None":
+        """The mask of query `rows` over the keys gathered from `runs` ((lo, hi), ...); None when every such key is
+        visible."""
+        kv = np.concatenate([self.kv_segments[lo:hi] for lo, hi in runs])
+        q = self.q_segments[rows]
+        if self.table[np.ix_(np.unique(q), np.unique(kv))].all():
+            return None
+        return SegmentMask(q, kv, self.table)
+
     def padded(self, lq: int, lk: int) -> "SegmentMask":
         """The mask extended to (lq, lk): padded rows see nothing and padded keys are seen by nothing."""
         sq, sk = self.table.shape
@@ -123,55 +136,169 @@ def _check(q, k, v, mask, key_mask):
 
 
 # ------------------------------------------------------------------------------------------------------ exact
-def _softmax_attention(q, k, v, visible, scale):
-    """fp32 attention of q (B, C, N, D) over k, v (B, Lk, N, D); visible broadcastable to (B, N, C, Lk) or None."""
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """A run of query rows [lo, hi) of the exact path and the key runs it attends to (static).
+
+    runs: ((lo, hi), ...) key positions gathered for these rows (every key any of the rows sees);
+    visible: (n_segment_runs, n_keys) bool visibility of the gathered keys per query segment run, or None when
+    every row sees every gathered key; row_run: (hi - lo,) int32 index of each row's segment run in `visible`.
+    """
+    lo: int
+    hi: int
+    runs: tuple[tuple[int, int], ...]
+    visible: np.ndarray | None
+    row_run: np.ndarray
+
+
+def _key_runs(seen: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Maximal runs [lo, hi) of True in a (Lk,) bool vector."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], seen.astype(np.int8), [0]])))
+    return tuple((int(lo), int(hi)) for lo, hi in zip(edges[::2], edges[1::2]))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(mask: SegmentMask, chunk: int) -> tuple[Piece, ...]:
+    """Splits the query rows into pieces (`Piece`) that skip invisible keys.
+
+    Rows are grouped by runs of equal query segment (all rows of a run see the same keys); consecutive runs are
+    merged into one piece when that is cheaper under a cost of (rows x gathered keys, x `_MASKED_COST` when some
+    row does not see every gathered key) + `_PIECE_COST` per piece (dynamic programming over the runs). Pieces of
+    several runs hold at most `chunk` rows; a longer run is one piece (mapped chunk by chunk). Runs that see no key
+    are in no piece (their rows output zeros).
+    """
+    q = mask.q_segments
+    starts = np.flatnonzero(np.diff(q, prepend=-1))
+    bounds = list(zip(starts.tolist(), np.append(starts[1:], len(q)).tolist()))
+    seen = [mask.table[q[lo]][mask.kv_segments] for lo, _ in bounds]
+    # dynamic programming over consecutive runs that see some key: best[j] = cheapest split of runs [0, j)
+    best, choice = [0.0] * (len(bounds) + 1), [0] * (len(bounds) + 1)
+    for j in range(1, len(bounds) + 1):
+        best[j], choice[j] = best[j - 1], j - 1  # run j - 1 alone (or skipped when it sees nothing)
+        if seen[j - 1].any():
+            best[j] += _piece_cost(bounds, seen, j - 1, j)
+            for i in range(j - 2, -1, -1):
+                if not seen[i].any() or bounds[j - 1][1] - bounds[i][0] > chunk:
+                    break
+                cost = best[i] + _piece_cost(bounds, seen, i, j)
+                if cost < best[j]:
+                    best[j], choice[j] = cost, i
+    pieces, j = [], len(bounds)
+    while j > 0:
+        i = choice[j]
+        if seen[j - 1].any():
+            union = np.any(seen[i:j], axis=0)
+            runs = _key_runs(union)
+            keys = np.concatenate([np.arange(lo, hi) for lo, hi in runs])
+            visible = np.stack([s[keys] for s in seen[i:j]])
+            lo, hi = bounds[i][0], bounds[j - 1][1]
+            row_run = np.repeat(np.arange(j - i), [b - a for a, b in bounds[i:j]]).astype(np.int32)
+            pieces.append(Piece(lo, hi, runs, None if visible.all() else visible, row_run))
+        j = i
+    return tuple(reversed(pieces))
+
+
+_PIECE_COST = 8192    # fixed cost of a piece, in (query row x key) score elements
+_MASKED_COST = 1.25   # relative cost of a masked score element
+
+
+def _piece_cost(bounds, seen, i: int, j: int) -> float:
+    union = np.any(seen[i:j], axis=0)
+    rows = bounds[j - 1][1] - bounds[i][0]
+    masked = any((s != union).any() for s in seen[i:j])
+    return rows * int(union.sum()) * (_MASKED_COST if masked else 1.0) + _PIECE_COST
+
+
+def _softmax_attention(q, k, v, visible, key_visible, scale):
+    """fp32 attention of q (B, N, C, D) over k, v (B, N, Lk, D) (heads-major). visible: (C | 1, Lk) bool (static
+    mask) or None; key_visible: (B, 1, 1, Lk) bool or None. Without key_visible every row must see a key (the
+    static mask is an additive bias); with it, rows that see no key output zeros."""
     hi = jax.lax.Precision.HIGHEST
-    logits = jnp.einsum("bqnd,bknd->bnqk", q, k, precision=hi) * scale
-    if visible is None:
+    logits = jnp.einsum("bnqd,bnkd->bnqk", q, k, precision=hi) * scale
+    if key_visible is None:
+        if visible is not None:
+            logits = logits + jnp.where(visible, 0.0, -jnp.inf).astype(logits.dtype)
         probs = jax.nn.softmax(logits, axis=-1)
     else:
+        visible = key_visible if visible is None else visible & key_visible
         any_visible = visible.any(-1, keepdims=True)
         logits = jnp.where(visible, logits, -jnp.inf)
         probs = jax.nn.softmax(jnp.where(any_visible, logits, 0.0), axis=-1) * any_visible
-    return jnp.einsum("bnqk,bknd->bqnd", probs, v, precision=hi)
+    return jnp.einsum("bnqk,bnkd->bnqd", probs, v, precision=hi)
 
 
 def exact_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: SegmentMask | None = None, *,
                     key_mask: jax.Array | None = None, scale: float = 1.0, chunk: int = EXACT_CHUNK) -> jax.Array:
-    """The "exact" backend: fp32 attention over query chunks of `chunk` rows (layouts as `attend`).
+    """The "exact" backend: fp32 attention over static pieces of query rows that skip invisible keys (`_plan`).
 
-    Sequences of at most `chunk` queries run in one piece; longer ones are padded to a multiple of `chunk` and
-    mapped chunk by chunk (`jax.lax.map` over a `jax.checkpoint`ed chunk, so the backward pass recomputes one
-    chunk's (B, N, chunk, Lk) probabilities at a time). Each chunk's mask is gathered from the segment table.
+    Each piece gathers only the keys its rows see; a piece whose rows see all of them needs no mask. A piece of
+    more than `chunk` rows (one long segment run) is padded to a multiple of `chunk` and mapped chunk by chunk
+    (`jax.lax.map` over a `jax.checkpoint`ed chunk, so the backward pass recomputes one chunk's (B, N, chunk, keys)
+    probabilities at a time): memory O(B·N·chunk·Lk), never (Lq, Lk). Masks are gathered at run time from small
+    per-piece tables. Computes heads-major ((B, N, L, D): one transpose in and out).
     """
     b, lq, n, d = q.shape
-    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
-    key_visible = None if key_mask is None else key_mask[:, None, None, :]
-    n_chunks = -(-lq // chunk)
-    lq_pad = n_chunks * chunk if n_chunks > 1 else lq
-    if mask is not None:  # the barrier keeps XLA from constant-folding the gathered masks into literals
-        mask = mask.padded(lq_pad, k.shape[1]) if lq_pad != lq else mask
-        table, kv_segments, q_segments = jax.lax.optimization_barrier(
-            (jnp.asarray(mask.table), jnp.asarray(mask.kv_segments), jnp.asarray(mask.q_segments)))
-    else:
-        q_segments = jnp.zeros((lq_pad,), jnp.int32)
+    q32, k32, v32 = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (q, k, v))
+    if mask is None:
+        mask = SegmentMask(np.zeros(lq, np.int32), np.zeros(k.shape[1], np.int32), np.ones((1, 1), bool))
+    outs, row = [], 0
+    for piece in _plan(mask, chunk):
+        if piece.lo > row:  # rows that see no key
+            outs.append(jnp.zeros((b, n, piece.lo - row, d), jnp.float32))
+        outs.append(_run_piece(q32[:, :, piece.lo:piece.hi], k32, v32, piece, key_mask, scale, chunk))
+        row = piece.hi
+    if row < lq:
+        outs.append(jnp.zeros((b, n, lq - row, d), jnp.float32))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=2)
+    return out.transpose(0, 2, 1, 3).astype(q.dtype)
 
-    def run(q_rows, q_segments):
-        visible = key_visible
-        if mask is not None:
-            rows = jnp.take(jnp.take(table, q_segments, axis=0), kv_segments, axis=1)[None, None]
-            visible = rows if visible is None else rows & visible
-        return _softmax_attention(q_rows, k32, v32, visible, scale)
 
-    if n_chunks == 1:
-        out = run(q32, q_segments)
-    else:
-        q32 = jnp.pad(q32, ((0, 0), (0, lq_pad - lq), (0, 0), (0, 0)))
-        q_chunks = q32.reshape(b, n_chunks, chunk, n, d).swapaxes(0, 1)
-        out = jax.lax.map(jax.checkpoint(lambda args: run(*args), prevent_cse=False),
-                          (q_chunks, q_segments.reshape(n_chunks, chunk)))
-        out = out.swapaxes(0, 1).reshape(b, lq_pad, n, d)[:, :lq]
-    return out.astype(q.dtype)
+def _gather_keys(x: jax.Array, runs, axis: int) -> jax.Array:
+    """Positions `runs` ((lo, hi), ...) of `axis`, concatenated."""
+    parts = [jax.lax.slice_in_dim(x, lo, hi, axis=axis) for lo, hi in runs]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
+
+
+SCORE_BUDGET = 1 << 21  # score elements of one batch group of the exact path (8 MiB of fp32)
+
+
+def _batch_group(batch: int, per_sample: int) -> int:
+    """The largest divisor of `batch` whose scores (`per_sample` elements each) stay within SCORE_BUDGET (>= 1)."""
+    fits = max(1, SCORE_BUDGET // max(per_sample, 1))
+    return max(g for g in range(1, batch + 1) if batch % g == 0 and g <= fits)
+
+
+def _run_piece(q, k, v, piece: Piece, key_mask, scale, chunk):
+    """Attention of one piece's query rows q (B, N, rows, D) over k, v (B, N, Lk, D) (see `exact_attention`)."""
+    k, v = _gather_keys(k, piece.runs, 2), _gather_keys(v, piece.runs, 2)
+    key_visible = None if key_mask is None else _gather_keys(key_mask, piece.runs, 1)[:, None, None, :]
+    rows = piece.hi - piece.lo
+    if piece.visible is None:
+        visible = None
+    elif len(piece.visible) == 1:
+        visible = jnp.asarray(piece.visible)
+    else:  # gathered at run time: no (rows, keys) literal for XLA to embed or constant-fold
+        table, row_run = jax.lax.optimization_barrier((jnp.asarray(piece.visible), jnp.asarray(piece.row_run)))
+        visible = jnp.take(table, row_run, axis=0)
+    if rows <= chunk:
+        b, n = q.shape[:2]
+        group = _batch_group(b, n * rows * k.shape[2])
+        if group == b:
+            return _softmax_attention(q, k, v, visible, key_visible, scale)
+        # the batch in groups whose scores stay within `SCORE_BUDGET` (cache-sized, one buffer reused)
+        split = lambda x: None if x is None else x.reshape((b // group, group) + x.shape[1:])  # noqa: E731
+        run = jax.checkpoint(lambda a: _softmax_attention(a[0], a[1], a[2], visible, a[3], scale), prevent_cse=False)
+        out = jax.lax.map(run, (split(q), split(k), split(v), split(key_visible)))
+        return out.reshape(q.shape)
+    # one segment run (same visible row for every row): padded to whole chunks and mapped
+    n_chunks = -(-rows // chunk)
+    b, n, _, d = q.shape
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, n_chunks * chunk - rows), (0, 0)))
+    q_chunks = jnp.moveaxis(q.reshape(b, n, n_chunks, chunk, d), 2, 0)
+    run = jax.checkpoint(lambda q_rows: _softmax_attention(q_rows, k, v, visible, key_visible, scale),
+                         prevent_cse=False)
+    out = jax.lax.map(run, q_chunks)
+    return jnp.moveaxis(out, 0, 2).reshape(b, n, n_chunks * chunk, d)[:, :, :rows]
 
 
 # ------------------------------------------------------------------------------------------------------ xla / cudnn

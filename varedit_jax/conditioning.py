@@ -213,19 +213,3 @@ def pool_source(layout: SequenceLayout, x: jax.Array) -> jax.Array:
     grid = x.astype(jnp.float32).reshape(b, h, w, heads * dim)
     pooled = [resample.area_resize(grid, s).reshape(b, s[0] * s[1], heads, dim) for s in layout.pool_sizes]
     return jnp.concatenate(pooled, 1).astype(x.dtype)
-
-
-def visible_runs(mask: SegmentMask, rows: slice) -> list[tuple[int, int]]:
-    """Maximal runs [lo, hi) of key positions visible to at least one query row in `rows` (static)."""
-    seen = mask.table[np.unique(mask.q_segments[rows])].any(0)[mask.kv_segments]
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], seen.astype(np.int8), [0]])))
-    return [(int(lo), int(hi)) for lo, hi in zip(edges[::2], edges[1::2])]
-
-
-def row_mask(mask: SegmentMask, rows: slice, runs: list[tuple[int, int]]) -> SegmentMask | None:
-    """The mask of query `rows` over the keys gathered from `runs`; None when every such key is visible."""
-    kv = np.concatenate([mask.kv_segments[lo:hi] for lo, hi in runs])
-    q = mask.q_segments[rows]
-    if mask.table[np.ix_(np.unique(q), np.unique(kv))].all():
-        return None
-    return SegmentMask(q, kv, mask.table)

@@ -99,9 +99,12 @@ def cos_sin(positions: np.ndarray | jax.Array, head_dim: int) -> tuple[jax.Array
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotates interleaved pairs of x (B, L, N, D) by (cos, sin) (L, D/2); float32 in and out."""
+    """Rotates interleaved pairs (a, c) of x (B, L, N, D) by (cos, sin) (L, D/2) to (a cos - c sin, c cos + a sin);
+    float32 in and out. Written as x * cos' + swap(x) * sin' (swap = the pairs reversed) so that it fuses into one
+    elementwise pass forward and backward."""
     b, l, n, d = x.shape
-    pairs = x.astype(jnp.float32).reshape(b, l, n, d // 2, 2)
-    a, c = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return jnp.stack([a * cos - c * sin, a * sin + c * cos], axis=-1).reshape(b, l, n, d)
+    x = x.astype(jnp.float32)
+    swapped = x.reshape(b, l, n, d // 2, 2)[..., ::-1].reshape(b, l, n, d)
+    cos2 = jnp.repeat(cos, 2, axis=-1)[None, :, None, :]
+    sin2 = jnp.stack([-sin, sin], axis=-1).reshape(l, d)[None, :, None, :]
+    return x * cos2 + swapped * sin2

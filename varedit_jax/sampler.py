@@ -116,6 +116,8 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p_threshold: jax.Arra
     top-k (1 <= top_k <= V; logits below the k-th largest -> -inf, ties kept), then top-p (ascending sort; classes
     whose cumulative softmax <= threshold -> -inf, never the largest)."""
     v = logits.shape[-1]
+    if v == 2:
+        return _filter_pairs(logits, top_k, top_p_threshold)
     kth = jnp.take(jnp.sort(logits, axis=-1), v - top_k, axis=-1)[..., None]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
     order = jnp.argsort(logits, axis=-1)
@@ -123,6 +125,19 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p_threshold: jax.Arra
     remove_sorted = (cumulative <= top_p_threshold) & (jnp.arange(v) < v - 1)
     remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1)
     return jnp.where(remove, -jnp.inf, logits)
+
+
+def _filter_pairs(logits: jax.Array, top_k: jax.Array, top_p_threshold: jax.Array) -> jax.Array:
+    """`filter_logits` for 2 classes without sorting (the same values: the smaller logit, the first on ties as in
+    a stable ascending sort, is the only one either filter can remove; its probability is computed exactly as the
+    softmax of the sorted pair)."""
+    a, c = logits[..., 0], logits[..., 1]
+    first_larger = c < a
+    small, large = jnp.where(first_larger, c, a), jnp.where(first_larger, a, c)
+    small = jnp.where((top_k < 2) & (small < large), -jnp.inf, small)
+    e = jnp.exp(small - large)
+    small = jnp.where(e / (e + 1.0) <= top_p_threshold, -jnp.inf, small)
+    return jnp.stack([jnp.where(first_larger, large, small), jnp.where(first_larger, small, large)], axis=-1)
 
 
 def sample_bits(keys: jax.Array, scale: int, logits: jax.Array, sampling: ScaleSampling) -> jax.Array:

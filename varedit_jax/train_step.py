@@ -120,19 +120,27 @@ def train_step(state: TrainState, frozen_states, batch: dict, *, graphdef, froze
             lambda x: x[0], _microbatches(batch, n)), key=key))[0][1]), jax.tree.map(jnp.zeros_like, state.params)
         (aux, grads), _ = jax.lax.scan(body, zero, (_microbatches(batch, n), jnp.arange(n)))
         aux, grads = jax.tree.map(lambda x: x / n, (aux, grads))
+    new, metrics = apply_gradients(state, grads, aux["loss"], tx, config)
+    return new, dict(aux, **metrics)
+
+
+def apply_gradients(state: TrainState, grads, loss: jax.Array, tx, config) -> tuple[TrainState, dict]:
+    """One optimizer step from `grads` of `loss` (clip + AdamW + optional EMA); a step whose loss, gradients, new
+    parameters or optimizer state are not all finite leaves the state unchanged and is counted. Returns (state,
+    metrics: grad_norm, lr, finite, skipped)."""
     grad_norm = optim.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # The step counts as finite only if the loss, the gradients, and what it writes (parameters and optimizer state:
     # a huge lr overflows the update with finite gradients) are all finite.
-    finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm) & _all_finite((params, opt_state))
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite((params, opt_state))
     ema = None if state.ema is None else optim.update_ema(state.ema, params, config.optim.ema_decay)
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     new = TrainState(step=state.step + 1, params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
                      ema=None if ema is None else keep(ema, state.ema),
                      bad_steps=jnp.where(finite, 0, state.bad_steps + 1), skipped=state.skipped + (~finite))
     lr = optim.learning_rate(config.optim)(state.step)
-    return new, dict(aux, grad_norm=grad_norm, lr=lr, finite=finite, skipped=new.skipped)
+    return new, dict(grad_norm=grad_norm, lr=lr, finite=finite, skipped=new.skipped)
 
 
 def eval_step(params, frozen_states, batch: dict, *, graphdef, frozen: Frozen, config, layout) -> dict:

@@ -148,6 +148,14 @@ def _linear(din: int, dout: int, names: tuple[str, str], rngs: nnx.Rngs, *, std:
                       bias_init=logical_init(nnx.initializers.zeros_init(), names[1:]))
 
 
+def fused_projection(x: jax.Array, kernel: jax.Array) -> list[jax.Array]:
+    """x (..., Cin) through a fused kernel (Cin, J, Cout) -> J arrays (..., Cout): one 2-D matmul, then a split
+    (whose gradient is one concatenation, and whose kernel gradient needs no transposed copy)."""
+    cin, j, cout = kernel.shape
+    out = jnp.einsum("...c,cd->...d", x, kernel.reshape(cin, j * cout))
+    return jnp.split(out, j, axis=-1)
+
+
 def drop_path(x: jax.Array, rate: jax.Array, key: jax.Array | None) -> jax.Array:
     """Stochastic depth (timm DropPath) per sample: keep with prob 1 - rate, rescaled; identity without a key."""
     if key is None:
@@ -215,8 +223,8 @@ class TextAttentivePool(nnx.Module):
 
     def __call__(self, text: jax.Array, mask: jax.Array) -> jax.Array:
         b, t, _ = text.shape
-        kv = jnp.einsum("btc,cjd->btjd", text, self.mat_kv[...])
-        k, v = kv[:, :, 0], kv[:, :, 1] + self.v_bias[...]
+        k, v = fused_projection(text, self.mat_kv[...])
+        v = v + self.v_bias[...]
         q = jnp.broadcast_to(self.mat_q[...], (b, 1, self.heads, self.head_dim))
         out = attend(q, k.reshape(b, t, self.heads, self.head_dim), v.reshape(b, t, self.heads, self.head_dim),
                      key_mask=mask, scale=1.0 / math.sqrt(self.head_dim))
@@ -241,10 +249,10 @@ class SelfAttention(nnx.Module):
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x (B, L, C) -> q, k, v (B, L, N, hd): q/k normalised, scaled and rotated, all in the compute dtype."""
         b, l, _ = x.shape
-        qkv = jnp.einsum("blc,cjd->bljd", x.astype(self.dtype), self.mat_qkv[...].astype(self.dtype))
-        q = (qkv[:, :, 0] + self.q_bias[...].astype(self.dtype)).reshape(b, l, self.heads, self.head_dim)
-        k = qkv[:, :, 1].reshape(b, l, self.heads, self.head_dim)
-        v = (qkv[:, :, 2] + self.v_bias[...].astype(self.dtype)).reshape(b, l, self.heads, self.head_dim)
+        q, k, v = fused_projection(x.astype(self.dtype), self.mat_qkv[...].astype(self.dtype))
+        q = (q + self.q_bias[...].astype(self.dtype)).reshape(b, l, self.heads, self.head_dim)
+        k = k.reshape(b, l, self.heads, self.head_dim)
+        v = (v + self.v_bias[...].astype(self.dtype)).reshape(b, l, self.heads, self.head_dim)
         scale = jnp.exp(jnp.minimum(self.scale_mul[...], MAX_SCALE_MUL))[:, None]
         q = rope.apply_rope(l2_normalize(q) * scale, cos, sin)
         k = rope.apply_rope(l2_normalize(k), cos, sin)
@@ -267,9 +275,9 @@ class CrossAttention(nnx.Module):
         b, l, _ = x.shape
         t = text.kv.shape[1]
         q = self.mat_q(x).reshape(b, l, self.heads, self.head_dim)
-        kv = jnp.einsum("btc,cjd->btjd", text.kv.astype(self.dtype), self.mat_kv[...].astype(self.dtype))
-        k = kv[:, :, 0].reshape(b, t, self.heads, self.head_dim)
-        v = (kv[:, :, 1] + self.v_bias[...].astype(self.dtype)).reshape(b, t, self.heads, self.head_dim)
+        k, v = fused_projection(text.kv.astype(self.dtype), self.mat_kv[...].astype(self.dtype))
+        k = k.reshape(b, t, self.heads, self.head_dim)
+        v = (v + self.v_bias[...].astype(self.dtype)).reshape(b, t, self.heads, self.head_dim)
         out = attend(q, k, v, key_mask=text.mask, scale=1.0 / math.sqrt(self.head_dim), impl=self.impl)
         return self.proj(out.reshape(b, l, -1)).astype(jnp.float32)
 
@@ -447,7 +455,8 @@ class Infinity(nnx.Module):
         """Runs sequence rows `rows` (x (B, len(rows), C)) through every block.
 
         Without stores (teacher forcing) `rows` must be the whole sequence. With stores (KV-cached decoding:
-        block 0's (K, V) and the other blocks' stacked (K, V)) the rows' keys/values are written into them.
+        block 0's (K, V) and the other blocks' stacked (K, V), updated in place: the scan carries them) the rows'
+        keys/values are written into them.
         Returns (x, (first_store, stores), block outputs (depth, B, len(rows), C) when `collect`, else None).
         """
         cfg = self.cfg
@@ -468,22 +477,21 @@ class Infinity(nnx.Module):
         outs = [x]
         rest_fn = block_fn(rest_attn)
         if cfg.scan_layers and cfg.depth > 1:
-            def body(x, xs):
-                state, store, rate, key = xs
-                x, store = rest_fn(state, x, text, store, rate, key)
-                return x, (store, x if collect else None)
-            x, (stores, ys) = jax.lax.scan(body, x, (rest_state, stores, jnp.asarray(rates[1:]),
-                                                     None if keys is None else keys[1:]))
+            def body(carry, xs):
+                x, stores = carry
+                state, rate, key, i = xs
+                x, stores = rest_fn(state, x, text, None if stores is None else (*stores, i), rate, key)
+                return (x, stores), (x if collect else None)
+            (x, stores), ys = jax.lax.scan(body, (x, stores), (rest_state, jnp.asarray(rates[1:]),
+                                                               None if keys is None else keys[1:],
+                                                               jnp.arange(cfg.depth - 1)))
             outs = [outs[0], *ys] if collect else outs
         elif cfg.depth > 1:
-            new_stores = []
             for i, state in enumerate(rest_state, start=1):
-                store = None if stores is None else jax.tree.map(lambda a: a[i - 1], stores)
-                x, store = rest_fn(state, x, text, store, rates[i], None if keys is None else keys[i])
-                new_stores.append(store)
+                store = None if stores is None else (*stores, i - 1)  # the stacked stores and this block's layer
+                x, new = rest_fn(state, x, text, store, rates[i], None if keys is None else keys[i])
+                stores = stores if new is None else new
                 outs.append(x)
-            if stores is not None:
-                stores = jax.tree.map(lambda *a: jnp.stack(a), *new_stores)
         return x, (first_store, stores), (jnp.stack(outs) if collect else None)
 
     # ---------------------------------------------------------------------------------------------- entry points
@@ -543,13 +551,13 @@ def _attention(layout: SequenceLayout, mask, rows: slice, *, pooled: bool, impl:
     """attention(store) -> callable(q, k, v) -> (out, new store) for query rows `rows` under `mask`.
 
     The key/value sequence is [pooled source (block 0 of SAR) | sequence]. store=None: teacher forcing (rows =
-    the whole sequence; the keys are this call's own). Otherwise store = (K, V) of the full key sequence: the rows'
-    keys/values (and, when the rows contain the source, SAR's pooled ones) are written first.
+    the whole sequence; the keys are this call's own). Otherwise store = (K, V) of the full key sequence, or
+    (K, V, layer) with K, V stacked over layers: the rows' keys/values (and, when the rows contain the source,
+    SAR's pooled ones) are written first (in place: only those rows), then the keys the rows see are read.
     """
     n_pooled = layout.n_pooled if pooled else 0
-    kv_rows = slice(rows.start + n_pooled, rows.stop + n_pooled)
-    runs = conditioning.visible_runs(mask, rows)
-    sub_mask = conditioning.row_mask(mask, rows, runs)
+    runs = mask.visible_runs(rows)
+    sub_mask = mask.restrict(rows, runs)
     with_pool = n_pooled > 0 and rows.start == 0 and rows.stop >= layout.n_source
 
     def gather(a):
@@ -565,22 +573,28 @@ def _attention(layout: SequenceLayout, mask, rows: slice, *, pooled: bool, impl:
                     src = layout.source_slice
                     k = jnp.concatenate([conditioning.pool_source(layout, k[:, src]), k], axis=1)
                     v = jnp.concatenate([conditioning.pool_source(layout, v[:, src]), v], axis=1)
-                new = None
-                keys, values = k, v
-            else:
-                keys, values = store
-                keys = keys.at[:, kv_rows].set(k.astype(keys.dtype))
-                values = values.at[:, kv_rows].set(v.astype(values.dtype))
-                if with_pool:
-                    src = layout.source_slice
-                    keys = keys.at[:, :n_pooled].set(conditioning.pool_source(layout, k[:, src]).astype(keys.dtype))
-                    values = values.at[:, :n_pooled].set(
-                        conditioning.pool_source(layout, v[:, src]).astype(values.dtype))
-                new = (keys, values)
-            out = attend(q, gather(keys), gather(values).astype(q.dtype), sub_mask, scale=1.0, impl=impl)
-            return out, new
+                return attend(q, k, v.astype(q.dtype), sub_mask, scale=1.0, impl=impl), None
+            keys, values, *layer = store
+            writes = [(rows.start + n_pooled, k, v)]
+            if with_pool:
+                src = layout.source_slice
+                writes.append((0, *(conditioning.pool_source(layout, a[:, src]) for a in (k, v))))
+            for start, k_rows, v_rows in writes:
+                keys, values = _write_rows(keys, k_rows, start, layer), _write_rows(values, v_rows, start, layer)
+            read_k, read_v = (keys, values) if not layer else (keys[layer[0]], values[layer[0]])
+            out = attend(q, gather(read_k), gather(read_v).astype(q.dtype), sub_mask, scale=1.0, impl=impl)
+            return out, (keys, values)
         return fn
     return make
+
+
+def _write_rows(store: jax.Array, rows: jax.Array, start: int, layer: list) -> jax.Array:
+    """store (B, L, N, hd), or (layers, B, L, N, hd) with `layer` = [index]: rows (B, n, N, hd) written at
+    sequence position `start` (of that layer), in place."""
+    rows = rows.astype(store.dtype)
+    if layer:
+        return jax.lax.dynamic_update_slice(store, rows[None], (layer[0], 0, start, 0, 0))
+    return jax.lax.dynamic_update_slice(store, rows, (0, start, 0, 0))
 
 
 # ------------------------------------------------------------------------------------------------------ parameters

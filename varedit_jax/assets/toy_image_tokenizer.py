@@ -59,10 +59,19 @@ def train_schedule(config: ml_collections.ConfigDict) -> tuple[schedules.Schedul
     return sched, h
 
 
+def pixel_weights(pixels: jax.Array, object_weight: float) -> jax.Array:
+    """(B, H, W, 1) loss weights 1 + object_weight * chroma (max - min over RGB, in [0, 1]): the coloured objects of
+    the toy images (a few percent of the pixels) count as much as the grey backgrounds; mean 1 per image."""
+    chroma = (pixels.max(-1, keepdims=True) - pixels.min(-1, keepdims=True)) / 2.0
+    w = 1.0 + object_weight * chroma
+    return w / w.mean(axis=(1, 2, 3), keepdims=True)
+
+
 def loss_fn(model: image_tokenizer.ImageTokenizer, pixels: jax.Array, sched, config) -> tuple[jax.Array, dict]:
     recon, codes, features = model(pixels, sched)
     err = recon - pixels
-    l1, mse = jnp.mean(jnp.abs(err)), jnp.mean(err ** 2)
+    w = pixel_weights(pixels, config.object_weight)
+    l1, mse = jnp.mean(w * jnp.abs(err)), jnp.mean(w * err ** 2)
     commit = jnp.mean((features - jax.lax.stop_gradient(codes.quantized)) ** 2)
     loss = config.l1_weight * l1 + config.mse_weight * mse + config.commitment_weight * commit
     clipped_mse = jnp.mean((jnp.clip(recon, -1, 1) - pixels) ** 2)
