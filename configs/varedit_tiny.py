@@ -20,6 +20,7 @@ def get_config(arg=None):
     config.checkpoint_every = 100
     config.log_every = 10
     config.eval_batches = 2
+    config.toy_eval_pairs = 64      # the end of the run prints success / preservation / balance on 64 held-out pairs
     config.optim.lr = 1e-3
     config.optim.warmup_steps = 20
     config.text.max_len = 32

@@ -71,7 +71,7 @@ def load_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
 # validation / samples unless a test asks.
 SMALL = {"model.embed_dim": 64, "model.depth": 2, "model.num_heads": 2, "model.block_chunks": 1,
          "toy.image_tokenizer_steps": 4, "toy.num_pairs": 48, "toy.eval_pairs": 8, "batch_size": 8, "log_every": 1,
-         "eval_batches": 1, "sample_every": -1, "eval_every": -1, "compilation_cache": False}
+         "eval_batches": 1, "sample_every": -1, "eval_every": -1, "toy_eval_pairs": 0, "compilation_cache": False}
 
 
 def small_config(**extra):

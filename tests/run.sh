@@ -23,4 +23,4 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
     echo "[run] warning: chromium / chromedriver missing and apt-get unavailable (not root?); browser tests will skip"
   fi
 fi
-exec python -m pytest tests "$@"
+exec python -m pytest tests --durations=30 "$@"

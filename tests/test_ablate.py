@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from helpers import REPO_ROOT, small_flags
-from varedit_jax import ablate, conditioning, configlib
+from varedit_jax import ablate, conditioning, configlib, toy_eval
 
 SMALL = small_flags(total_steps=2, checkpoint_every=2)
 
@@ -48,9 +48,9 @@ def test_reduced_sweep_writes_the_table_and_resumes(tmp_path, monkeypatch):
     assert {s: rows[s]["input_length"] for s in conditioning.EDITING_MODES} == {"full": 1042, "finest": 777, "sar": 777}
     for s in conditioning.EDITING_MODES:
         assert rows[s]["steps"] == 2 and rows[s]["train_step_s"] > 0 and rows[s]["s_per_edit"] > 0
-        assert all(0 <= rows[s][k] <= 10 for k in ablate.SCORES)
+        assert all(0 <= rows[s][k] <= 10 for k in toy_eval.COLUMNS)
         assert (tmp_path / "sweep" / "grids" / f"{s}_seed0.png").is_file()
-    assert rows["copy_source"]["preservation"] == 10
+    assert rows["copy_source"]["preservation"] == 10 and (tmp_path / "sweep" / "curves.png").is_file()
     assert (tmp_path / "sweep" / "results.md").read_text().count("\n| ") >= 5
     evals = {s: (tmp_path / "sweep" / s / "seed0" / "eval.json").stat().st_mtime_ns for s in conditioning.EDITING_MODES}
     assert ablate.main(args) == 0  # resumes: nothing retrained, nothing re-evaluated

@@ -212,10 +212,25 @@ def test_cli_errors_exit_2(cache, tmp_path):
 
 def test_validate_refuses_inconsistent_configs():
     config = small_config()
-    for field, value in (("batch_size", 6), ("conditioning", "none"), ("checkpoint_every", 0)):
+    for field, value in (("batch_size", 6), ("conditioning", "none"), ("checkpoint_every", 0), ("toy_eval_pairs", -1)):
         bad = configlib.override(config, {field: value, "grad_accum": 4} if field == "batch_size" else {field: value})
         with pytest.raises(ValueError):
             train_config.validate(bad)
+
+
+def test_a_finished_run_writes_toy_scores_and_learning_curves(trained_run):
+    """The end of a run: toy scores of the trained model beside copy-source (preservation 10 by definition) and
+    the oracle, and a curves PNG with a line per metric (the run's colour inside each panel)."""
+    from PIL import Image
+    workdir, summary = trained_run
+    rows = {r["conditioning"]: r for r in json.loads((workdir / "toy_scores.json").read_text())["rows"]}
+    assert set(rows) == {"sar (this run)", "copy_source", "oracle"} and rows["sar (this run)"]["n"] == 4
+    assert rows["copy_source"]["preservation"] == 10 and rows["copy_source"]["success"] < rows["oracle"]["success"]
+    assert all(0 <= r[k] <= 10 for r in rows.values() for k in ("success", "preservation", "balance"))
+    png = np.asarray(Image.open(workdir / "curves.png").convert("RGB"))
+    line = np.all(png == (31, 119, 180), axis=-1)  # the first run's colour
+    half = png.shape[1] // 2
+    assert line[:, :half].sum() > 20 and line[:, half:].sum() > 20  # loss and bit-accuracy panels both drawn
 
 
 @pytest.mark.slow

@@ -11,9 +11,9 @@ Runs live in DIR/<conditioning>/seed<k>/ (training workdirs: an interrupted swee
 finished run is not retrained and a finished evaluation, cached in eval.json, is not redone). Evaluation edits the
 held-out toy pairs (`eval_data`, whose exact targets and edit masks are known) with the trained checkpoint and scores
 them with `eval.toy_metrics` (success / preservation / balance on 0-10, the copy-the-source and oracle rows beside).
-Outputs: DIR/results.{md,csv,json} (rows per conditioning and seed, mean ± std over seeds) and DIR/grids/*.png (source |
-target | output with the instruction) per run. On a TPU pod (`--distributed`, as `launch/ablate.sh --tpu ...` runs
-it) every process trains and edits together and process 0 writes; DIR must then be a filesystem every host shares.
+Outputs: DIR/results.{md,csv,json} (rows per conditioning and seed, mean ± std over seeds), DIR/grids/*.png (source |
+target | output with the instruction) per run and DIR/curves.png (loss and bit accuracy of every run, a panel each).
+On a TPU pod (`--distributed`, as `launch/ablate.sh --tpu ...` runs it) every process trains and edits together and process 0 writes; DIR must then be a filesystem every host shares.
 With `--benchmark` (and `evaluate`'s data / metric-model flags) each run is instead evaluated on that benchmark by
 `evaluate.Evaluation` into RUN/eval_<benchmark>/ (resumable as `evaluate` is), and the table holds each run's overall
 row of the benchmark's metrics (no reference rows).
@@ -24,7 +24,6 @@ import json
 import math
 import pathlib
 import sys
-import time
 
 import jax
 import ml_collections
@@ -32,15 +31,13 @@ import numpy as np
 from etils import epath
 from flax import nnx
 
-from data_pipelines import records
-from varedit_jax import (assets, checkpoint, conditioning, configlib, distributed, editor, evaluate, images, loading,
-                         plan, sampler, schedules, storage, train, train_config, transformer)
-from varedit_jax.eval import report, suites, toy_metrics
+from varedit_jax import (assets, checkpoint, conditioning, configlib, distributed, editor, evaluate, loading, metrics,
+                         plan, sampler, storage, toy_eval, train, train_config, transformer)
+from varedit_jax.eval import report, suites
 from varedit_jax.train_step import sequence_layout
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "configs" / "varedit_tiny.py"
-SCORES = ("success", "preservation", "balance")
 
 
 def run_config(config: ml_collections.ConfigDict, mode: str, seed: int) -> ml_collections.ConfigDict:
@@ -62,26 +59,6 @@ def plan_rows(config: ml_collections.ConfigDict, modes, template: str = "1.0") -
     return rows
 
 
-def _eval_pairs(config, n: int) -> list[dict]:
-    pairs = []
-    for rec in records.iter_records(list(config.eval_data.paths)):
-        pairs.append(rec)
-        if len(pairs) == n:
-            break
-    if len(pairs) < n:
-        raise ValueError(f"eval_data has {len(pairs)} pairs, {n} requested")
-    return pairs
-
-
-def _arrays(pairs) -> dict:
-    src = np.stack([images.decode(p["source"]) for p in pairs])
-    tgt = np.stack([images.decode(p["target"]) for p in pairs])
-    mask = np.stack([records.decode_mask(p["mask"]) if p.get("mask") is not None else np.zeros(src.shape[1:3], np.uint8)
-                     for p in pairs])
-    has = np.array([p.get("mask") is not None for p in pairs])
-    return dict(source=src, target=tgt, mask=mask, has_mask=has, instruction=[p["instruction"] for p in pairs])
-
-
 def evaluate_run(run: epath.Path, eval_set: dict, options: sampler.SamplingOptions, grid: epath.Path) -> dict:
     """Edits the eval set with the run's newest checkpoint; per-run row (cached in RUN/eval.json)."""
     root, step = checkpoint.resolve(run)
@@ -90,19 +67,10 @@ def evaluate_run(run: epath.Path, eval_set: dict, options: sampler.SamplingOptio
         cached = json.loads(cache.read_text())
         if cached.get("checkpoint_step") == step and cached.get("n") == len(eval_set["instruction"]):
             return cached
-    edit = editor.Editor.from_checkpoint(run)
-    n = len(eval_set["instruction"])
-    warm = min(edit.batch_size, n)
-    edit.edit(eval_set["source"][:warm], eval_set["instruction"][:warm], options,
-              preprocess="train")  # compile outside the timing
-    t0 = time.perf_counter()
-    outputs = np.stack(edit.edit(eval_set["source"], eval_set["instruction"], options, preprocess="train"))
-    seconds = (time.perf_counter() - t0) / n
-    row = toy_metrics.summarize_toy(toy_metrics.toy_scores(eval_set["source"], eval_set["target"], outputs,
-                                                           eval_set["mask"], has_mask=eval_set["has_mask"]))
-    row.update(checkpoint_step=step, s_per_edit=seconds, n=n)
+    row, outputs = toy_eval.edit_and_score(editor.Editor.from_checkpoint(run), eval_set, options)
+    row.update(checkpoint_step=step)
     if jax.process_index() == 0:  # every process edits (the sampler spans all devices); one writes
-        k = min(8, n)
+        k = min(8, row["n"])
         report.save_grid(grid, list(eval_set["source"][:k]), eval_set["instruction"][:k], list(outputs[:k]),
                          targets=list(eval_set["target"][:k]), title=run.parent.name + " / " + run.name)
         storage.write_text(cache, json.dumps(row, indent=1) + "\n")
@@ -111,20 +79,7 @@ def evaluate_run(run: epath.Path, eval_set: dict, options: sampler.SamplingOptio
 
 def reference_rows(config, eval_set: dict) -> list[dict]:
     """copy-the-source and oracle (the tokenizer's reconstruction of the true target) rows."""
-    image_tok = loading.load_image_tokenizer(config.image_tokenizer.path)
-    h, w = eval_set["source"].shape[1:3]
-    sched = schedules.scale_schedule(schedules.nearest_template(h / w), config.pn)
-
-    @jax.jit
-    def roundtrip(x):
-        return image_tok.decode(image_tok.quantize(image_tok.encode(images.to_model_range(x)), sched).quantized)
-
-    def reconstruct(pixels):
-        return np.asarray(roundtrip(pixels))
-
-    refs = toy_metrics.reference_scores(eval_set["source"], eval_set["target"], eval_set["mask"],
-                                        reconstruct=reconstruct, has_mask=eval_set["has_mask"])
-    return [dict(conditioning=name, **toy_metrics.summarize_toy(per)) for name, per in refs.items()]
+    return toy_eval.reference_rows(loading.load_image_tokenizer(config.image_tokenizer.path), config.pn, eval_set)
 
 
 def _mean_std(rows: list[dict], mode: str, keys) -> dict:
@@ -158,8 +113,8 @@ def sweep(config: ml_collections.ConfigDict, modes, seeds, workdir, *, eval_pair
     """Trains / evaluates every (conditioning, seed) run; writes and returns the table rows."""
     workdir = storage.path(workdir)
     config = assets.resolve(config)
-    eval_set = _arrays(_eval_pairs(config, eval_pairs)) if benchmark is None else None
-    keys = list(SCORES) if benchmark is None else benchmark.keys()
+    eval_set = toy_eval.eval_pairs(config.eval_data.paths, eval_pairs) if benchmark is None else None
+    keys = list(toy_eval.COLUMNS) if benchmark is None else benchmark.keys()
     rows, per_mode = [], {}
     for mode in modes:
         for seed in seeds:
@@ -189,9 +144,12 @@ def sweep(config: ml_collections.ConfigDict, modes, seeds, workdir, *, eval_pair
     paths = report.write_table(rows, workdir, "results", columns=columns,
                                title=f"Conditioning ablation ({config.pn}, {len(seeds)} seed(s), {what}, "
                                      f"guidance {options.guidance}, tau {options.tau})")
+    curves = metrics.save_curves({f"{m} seed {k}": workdir / m / f"seed{k}" / "metrics.jsonl" for m in modes
+                                  for k in seeds}, workdir / "curves.png", title=f"Conditioning ablation ({config.pn})")
     print(paths["md"].read_text())
     grids = workdir / "grids" if benchmark is None else workdir / "<conditioning>/seed<k>/eval_*/grid.png"
-    print(f"tables: {paths['md']} {paths['csv']} {paths['json']}\ngrids: {grids}", flush=True)
+    print(f"tables: {paths['md']} {paths['csv']} {paths['json']}\ngrids: {grids}\nlearning curves: {curves}",
+          flush=True)
     return rows
 
 

@@ -157,3 +157,59 @@ def _plain(v):
         v = np.asarray(v)
         return v.tolist() if v.ndim else v.item()
     return v
+
+
+# ------------------------------------------------------------------------------------------------ learning curves
+CURVE_KEYS = ("loss", "bit_accuracy")
+_COLORS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207))
+
+
+def read_curves(path, keys=CURVE_KEYS) -> dict[str, list[tuple[int, float]]]:
+    """{key: [(step, value), ...]} of the "train" rows of a metrics.jsonl (local or gs://; a missing file or an
+    unreadable line gives no points)."""
+    out, path = {k: [] for k in keys}, storage.path(path)
+    for line in path.read_text().splitlines() if path.is_file() else ():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("split") == "train":
+            for k in keys:
+                if isinstance(row.get(k), (int, float)):
+                    out[k].append((int(row["step"]), float(row[k])))
+    return out
+
+
+def save_curves(runs: dict, out, keys=CURVE_KEYS, *, title: str = ""):
+    """One PNG with a panel per metric (`keys`, train rows) and one line per run ({label: metrics.jsonl}), drawn
+    with PIL: the learning curves of a training run or of an ablation sweep's runs. Returns `out` (local or gs://)."""
+    from PIL import Image, ImageDraw  # noqa: PLC0415 -- only the plot needs it
+    curves = {label: read_curves(path, keys) for label, path in runs.items()}
+    w, h, pad = 420, 280, 48
+    img = Image.new("RGB", (w * len(keys), h + 22 * len(runs) + 24), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((8, 4), title, fill="black")
+    for i, key in enumerate(keys):
+        points = [p for c in curves.values() for p in c[key]]
+        x0, y0, x1, y1 = i * w + pad, 24, (i + 1) * w - 12, h - pad + 24
+        draw.rectangle((x0, y0, x1, y1), outline="black")
+        draw.text((x0, y1 + 6), key, fill="black")
+        if not points:
+            continue
+        (s_lo, s_hi), (v_lo, v_hi) = ((min(v), max(v)) for v in zip(*points))
+        s_hi, v_hi = max(s_hi, s_lo + 1), v_hi if v_hi > v_lo else v_lo + 1e-6
+        draw.text((x0 - pad + 4, y0), f"{v_hi:.4g}", fill="black")
+        draw.text((x0 - pad + 4, y1 - 10), f"{v_lo:.4g}", fill="black")
+        draw.text((x1 - 40, y1 + 6), f"step {s_hi}", fill="black")
+        for j, c in enumerate(curves.values()):
+            xy = [(x0 + (s - s_lo) / (s_hi - s_lo) * (x1 - x0), y1 - (v - v_lo) / (v_hi - v_lo) * (y1 - y0))
+                  for s, v in c[key]]
+            if len(xy) > 1:
+                draw.line(xy, fill=_COLORS[j % len(_COLORS)], width=2)
+            elif xy:
+                draw.ellipse((xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2), fill=_COLORS[j % len(_COLORS)])
+    for j, label in enumerate(runs):
+        draw.text((8, h + 28 + 22 * j), f"--- {label}", fill=_COLORS[j % len(_COLORS)])
+    with storage.staged(out) as local:
+        img.save(local, format="PNG")
+    return storage.path(out)

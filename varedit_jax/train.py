@@ -14,7 +14,9 @@ Workdir:
   checkpoints/<step>/  params, train_state (optimizer state, EMA, counters), data (grain iterator state, one file per
                        process), config (`checkpoint.TrainCheckpoints`) - `edit`, `convert export` and `ablate` take
                        the workdir, the checkpoints dir or a step dir.
-  metrics.jsonl, tb/   see `varedit_jax.metrics`;   samples/step_<n>.png   sample edits of held-out pairs
+  metrics.jsonl, tb/   see `varedit_jax.metrics`;   curves.png   loss / bit-accuracy curves (written at the end)
+  samples/step_<n>.png sample edits of held-out pairs;  toy_scores.{md,csv,json}   `toy_eval_pairs` held-out toy pairs
+                       edited and scored at the end (success / preservation / balance, copy-source and oracle beside)
 Preemption: SIGTERM (and SIGINT) finish the current step, save a checkpoint and return (under jax.distributed through
 JAX's preemption service: every process stops at the same step, `distributed.Preemption`). A hung step ends the
 process with exit code 75 after logging every thread's stack (`watchdog`). The workdir may be on gs://
@@ -40,7 +42,7 @@ from ml_collections import config_flags
 
 from data_pipelines import records
 from varedit_jax import (assets, checkpoint, configlib, data, distributed, editor, images, loading, metrics, run_lock,
-                         storage, text, train_config, watchdog)
+                         sampler, storage, text, toy_eval, train_config, watchdog)
 from varedit_jax.eval import report
 from varedit_jax.train_step import TrainState, sequence_layout
 from varedit_jax.trainer import Trainer, make_mesh
@@ -241,9 +243,15 @@ def _train(config: ml_collections.ConfigDict, workdir: epath.Path) -> dict:
                 if config.sample_every >= 0:
                     path = sample_grid(run, state.params, workdir / "samples" / f"step_{step}.png")
                     run.writer.log(f"sample edits: {path}")
+                if config.toy_eval_pairs > 0:
+                    run.writer.log(toy_scores(run, state.params, step))
     finally:
         run.writer.close()
         run.checkpoints.close()
+    if jax.process_index() == 0 and rows:
+        curves = metrics.save_curves({config.conditioning: workdir / "metrics.jsonl"}, workdir / "curves.png",
+                                     title=f"{config.kind} {config.conditioning}: {workdir}")
+        print(f"learning curves: {curves}", flush=True)
     return _summary(run, state, step, rows)
 
 
@@ -281,14 +289,18 @@ def evaluate(run: Run, params) -> dict:
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
-def sample_grid(run: Run, params, path: epath.Path) -> epath.Path:
-    """Edits the first `sample_count` held-out pairs with the current params, in their training shardings (no
-    gathered copy); writes source | instruction | output | target rows to `path`. Collective: every process edits
-    (the sampler spans all devices), process 0 writes."""
-    config = run.config
+def _editor(run: Run, params) -> editor.Editor:
+    """An Editor of the current params in their training shardings (no gathered copy)."""
     graphdefs = (run.trainer.frozen.image_tokenizer, run.trainer.frozen.text_encoder)
     frozen = (nnx.merge(g, s) for g, s in zip(graphdefs, run.frozen_states))
-    edit = editor.Editor(config, params, *frozen, run.models[2], mesh=run.trainer.mesh, rules=config.mesh.rules)
+    return editor.Editor(run.config, params, *frozen, run.models[2], mesh=run.trainer.mesh, rules=run.config.mesh.rules)
+
+
+def sample_grid(run: Run, params, path: epath.Path) -> epath.Path:
+    """Edits the first `sample_count` held-out pairs with the current params; writes source | instruction | output |
+    target rows to `path`. Collective: every process edits (the sampler spans all devices), process 0 writes."""
+    config = run.config
+    edit = _editor(run, params)
     pairs = list(itertools.islice(records.iter_records(config.eval_data.paths), config.sample_count))
     sources = [images.decode(p["source"]) for p in pairs]
     outputs = edit.edit(sources, [p["instruction"] for p in pairs], preprocess="train")
@@ -296,6 +308,23 @@ def sample_grid(run: Run, params, path: epath.Path) -> epath.Path:
         return path
     return report.save_grid(path, sources, [p["instruction"] for p in pairs], outputs,
                             targets=[images.decode(p["target"]) for p in pairs])
+
+
+def toy_scores(run: Run, params, step: int) -> str:
+    """Edits the first `toy_eval_pairs` held-out pairs (or all, if fewer; default sampling) and scores them (`toy_eval`) beside the
+    copy-source and oracle rows; writes WORKDIR/toy_scores.{md,csv,json} and returns the table (markdown).
+    Collective: every process edits, process 0 writes."""
+    config = run.config
+    pairs = toy_eval.eval_pairs(config.eval_data.paths, config.toy_eval_pairs, allow_fewer=True)
+    row, _ = toy_eval.edit_and_score(_editor(run, params), pairs, sampler.SamplingOptions(seed=config.seed))
+    image_tok = nnx.merge(run.trainer.frozen.image_tokenizer, run.frozen_states[0])
+    rows = [dict(conditioning=f"{config.conditioning} (this run)", **row),
+            *toy_eval.reference_rows(image_tok, config.pn, pairs)]
+    if jax.process_index() != 0:
+        return ""
+    paths = report.write_table(rows, run.workdir, "toy_scores", columns=["conditioning", *toy_eval.COLUMNS, "n"],
+                               title=f"Toy edits at step {step}: {row['n']} held-out pairs, scores on 0-10")
+    return paths["md"].read_text()
 
 
 # ------------------------------------------------------------------------------------------------ CLI

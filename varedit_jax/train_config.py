@@ -57,6 +57,8 @@ def default_config(model: ml_collections.ConfigDict, *, conditioning: str | None
     c.eval_batches = 2
     c.sample_every = 0                   # sample edit grid every N steps (0: only at the end; -1: never)
     c.sample_count = 8
+    c.toy_eval_pairs = 0                 # at the end: edit the first N eval_data pairs and score them with the toy
+                                         # metrics beside copy-source / oracle (the toy task: targets + masks; 0: off)
     c.profile = ml_collections.ConfigDict(dict(start_step=-1, num_steps=3))  # jax.profiler window (-1: off)
     c.compilation_cache = True
     c.compilation_cache_dir = ""         # JAX's persistent compilation cache, local or gs:// ("": $VAREDIT_CACHE/xla)
@@ -101,6 +103,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"mesh.slices must be >= 1, got {config.mesh.slices}")
     if config.data.pn != config.pn:
         raise ValueError(f"data.pn {config.data.pn} != pn {config.pn}")
+    if config.toy_eval_pairs < 0:
+        raise ValueError(f"toy_eval_pairs must be >= 0, got {config.toy_eval_pairs}")
     if config.init_weights not in ("params", "ema"):
         raise ValueError(f"init_weights must be 'params' or 'ema', got {config.init_weights!r}")
     optim.validate(config.optim)
