@@ -11,13 +11,13 @@ benchmark) is not used for MFU: it counts a loop body once (scanned layers) and 
 """
 import json
 import pathlib
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from tensorboardX import SummaryWriter
 
 from varedit_jax import storage
 
@@ -66,6 +66,20 @@ def compiled_flops(compiled) -> float | None:
         return None
 
 
+def _summary_writer():
+    """tensorboardX's SummaryWriter class, imported without torch: tensorboardX imports torch when it is installed
+    (only to accept torch tensors, which nothing here passes), seconds of every training process's start."""
+    if "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError inside tensorboardX's optional imports
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class Writer:
     """Metric sinks of one run. Only process 0 writes; `write` takes host floats.
 
@@ -86,7 +100,7 @@ class Writer:
             self.jsonl = open(local / "metrics.jsonl", "a")
             if first_step:  # a resumed run: mark the restart (the rows after its checkpoint were dropped)
                 self.jsonl.write(json.dumps({"step": first_step, "split": "restart", "dropped_rows": dropped}) + "\n")
-            self.tb = SummaryWriter(str(local / "tb"), purge_step=first_step or None)
+            self.tb = _summary_writer()(str(local / "tb"), purge_step=first_step or None)
             self.bar = tqdm.tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True,
                                  mininterval=2.0)
 
