@@ -201,11 +201,11 @@ def train(config: ml_collections.ConfigDict, workdir) -> dict:
                         if storage.is_remote(p)}.values():
         storage.check_reachable(bucket_path)
     storage.makedirs(workdir)
-    config = assets.resolve(config)  # under jax.distributed, `main` has built them already (assets.build_in_child)
-    if config.compilation_cache:
-        jax.config.update("jax_compilation_cache_dir",
-                          os.fspath(storage.path(config.compilation_cache_dir or assets.cache_dir() / "xla")))
-    with run_lock.hold(workdir):
+    with run_lock.hold(workdir):  # a workdir in use is refused before anything is built
+        config = assets.resolve(config)  # under jax.distributed, `main` has built them already (build_in_child)
+        if config.compilation_cache:
+            jax.config.update("jax_compilation_cache_dir",
+                              os.fspath(storage.path(config.compilation_cache_dir or assets.cache_dir() / "xla")))
         return _train(config, workdir)
 
 
