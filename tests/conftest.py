@@ -68,7 +68,8 @@ def gcs():
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """The session's tiny trained run: `helpers.small_config()` trained for 4 steps (checkpoints at 2 and 4), its
-    end-of-run toy scores on 4 held-out pairs, in a workdir tests may read but not change; returns (workdir, summary)."""
+    end-of-run toy scores on 4 held-out pairs, in a workdir tests may read but not change; returns
+    (workdir, summary)."""
     from varedit_jax import train
     workdir = tmp_path_factory.mktemp("trained_run")
     summary = train.train(small_config(total_steps=4, checkpoint_every=2, toy_eval_pairs=4), workdir)

@@ -13,7 +13,8 @@ held-out toy pairs (`eval_data`, whose exact targets and edit masks are known) w
 them with `eval.toy_metrics` (success / preservation / balance on 0-10, the copy-the-source and oracle rows beside).
 Outputs: DIR/results.{md,csv,json} (rows per conditioning and seed, mean ± std over seeds), DIR/grids/*.png (source |
 target | output with the instruction) per run and DIR/curves.png (loss and bit accuracy of every run, a panel each).
-On a TPU pod (`--distributed`, as `launch/ablate.sh --tpu ...` runs it) every process trains and edits together and process 0 writes; DIR must then be a filesystem every host shares.
+On a TPU pod (`--distributed`, as `launch/ablate.sh --tpu ...` runs it) every process trains and edits together and
+process 0 writes; DIR must then be a filesystem every host shares.
 With `--benchmark` (and `evaluate`'s data / metric-model flags) each run is instead evaluated on that benchmark by
 `evaluate.Evaluation` into RUN/eval_<benchmark>/ (resumable as `evaluate` is), and the table holds each run's overall
 row of the benchmark's metrics (no reference rows).

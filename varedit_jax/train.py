@@ -311,9 +311,9 @@ def sample_grid(run: Run, params, path: epath.Path) -> epath.Path:
 
 
 def toy_scores(run: Run, params, step: int) -> str:
-    """Edits the first `toy_eval_pairs` held-out pairs (or all, if fewer; default sampling) and scores them (`toy_eval`) beside the
-    copy-source and oracle rows; writes WORKDIR/toy_scores.{md,csv,json} and returns the table (markdown).
-    Collective: every process edits, process 0 writes."""
+    """Edits the first `toy_eval_pairs` held-out pairs (or all, if fewer; default sampling) and scores them
+    (`toy_eval`) beside the copy-source and oracle rows; writes WORKDIR/toy_scores.{md,csv,json} and returns the
+    table (markdown). Collective: every process edits, process 0 writes."""
     config = run.config
     pairs = toy_eval.eval_pairs(config.eval_data.paths, config.toy_eval_pairs, allow_fewer=True)
     row, _ = toy_eval.edit_and_score(_editor(run, params), pairs, sampler.SamplingOptions(seed=config.seed))
